@@ -1,0 +1,72 @@
+"""Compile and benchmark the fused engine over batch sizes.
+
+    python3 benchmark_ait.py [--model-name M] [--batch-size N] [--use-fp16-acc B] [--use-graph B]
+
+N=0 (default) compiles and benchmarks each of 1, 2, 4, ..., 256 (1, 2, 4 on a CPU); N>0
+benchmarks that size, reusing the implementation choices an earlier run cached under ./tmp/.
+Appends `batch_size: N, latency: T` (ms) to {model}_ait_benchmark_dev_{flag}.txt and the full
+rows (spread, memory, plan, environment) to the .json beside it.
+"""
+import sys
+
+import click
+
+from engine.cli import (device_option, dtype_option, engine_weights, fail_cleanly, model_option, parse_dtype,
+                        resolve_config, variant_option, weights_options)
+
+
+@click.command()
+@model_option()
+@variant_option("ait")
+@click.option("--batch-size", type=click.IntRange(min=0), default=0, show_default=True,
+              help="0: the whole sweep; N: only N")
+@click.option("--use-fp16-acc", type=bool, default=False, show_default=True,
+              help="float16 accumulation in cuBLAS GEMMs (float16 only; no faster on H100)")
+@click.option("--use-graph", type=bool, default=None, help="one CUDA graph per batch size (default: on for CUDA, off on ROCm)")
+@device_option
+@dtype_option()
+@weights_options
+@click.option("--param-path", type=click.Path(dir_okay=False), default=None, help="engine weight file to use")
+@click.option("--exact-gelu", is_flag=True, help="forbid the tanh-approximate GELU GEMM epilogue")
+@click.option("--output-dir", type=click.Path(file_okay=False), default=".", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default="tmp", show_default=True)
+@fail_cleanly
+def main(model_name, variant, batch_size, use_fp16_acc, use_graph, device, dtype, checkpoint, seed, pretrained,
+         param_path, exact_gelu, output_dir, cache_dir):
+    """Benchmark the fused engine."""
+    from engine.compile import Options, compile_engine
+    from engine.results import check_writable, results_stem
+    from engine.sweep import run_sweep, sweep_sizes
+    from engine.target import detect, visible_devices_flag
+    from modeling.config import describe
+    from weight_utils import build_engine
+
+    cfg = resolve_config(model_name, variant)
+    target = detect(device)
+    dt = parse_dtype(dtype, target)
+    check_writable(output_dir)
+    state, source, _ = engine_weights(cfg, dt, checkpoint, seed, pretrained, param_path)
+    sizes = sweep_sizes(target) if batch_size == 0 else [batch_size]
+    if not target.is_gpu and batch_size == 0:
+        click.echo(f"CPU: short sweep {sizes} (about a minute); pass --batch-size N for others", err=True)
+    click.echo(f"model: {describe(cfg, dt)} on {target.name}; weights: {source}", err=True)
+    options = Options(use_graph=use_graph, fp16_acc=use_fp16_acc, exact_gelu=exact_gelu)
+    model = build_engine(cfg, state, dt, target.device)
+
+    def make_runner(batch):
+        engine = compile_engine(model, batch, target, options, cache_dir, log=lambda m: click.echo(m, err=True))
+        return engine.run, {"plan": engine.plan.as_dict(), "compile_s": engine.info["compile_s"],
+                            "plan_source": engine.info["plan_source"], "use_graph": engine.use_graph,
+                            "fp16_acc": use_fp16_acc}
+
+    stem = results_stem(model_name, "ait", visible_devices_flag(target))
+    complete = run_sweep("ait", "ait", cfg, target, dt, sizes, make_runner, output_dir, stem, str(source),
+                         log=lambda m: click.echo(m, err=True))
+    click.echo(f"results: {stem}.txt, {stem}.json in {output_dir}")
+    if not complete:
+        click.echo("error: the sweep was partial (some batch sizes ran out of memory)", err=True)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Compile: build the engine for one batch size, choose each op's implementation by measuring
+it on this GPU, cache the choices under ./tmp/, and capture the whole forward in one graph.
+
+A cache entry is a JSON file keyed by everything that could change the choice (engine
+version, model config, batch, dtype, GPU, torch/Triton/CUDA versions, options); an entry
+whose key differs, or that does not parse, is reported and rebuilt, never used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from modeling import ops
+from modeling.config import ViTConfig
+
+from . import EngineError
+from .target import Target
+from .timing import measure
+
+ENGINE_VERSION = "1"
+DEFAULT_CACHE_ROOT = Path("tmp")
+
+
+@dataclass
+class Options:
+    """User-facing knobs that change what gets compiled."""
+    use_graph: Optional[bool] = None     # None: the target's default (on for CUDA, off for ROCm)
+    fp16_acc: bool = False               # cuBLAS float16 accumulation (float16 GEMMs only)
+    exact_gelu: bool = False             # forbid the tanh-approximate GELU epilogue for erf-GELU models
+
+    def key(self) -> dict:
+        return {"fp16_acc": self.fp16_acc, "exact_gelu": self.exact_gelu}
+
+
+def apply_global_options(options: Options, dtype: torch.dtype):
+    """--use-fp16-acc maps to torch's cuBLAS float16-accumulation switch; it affects float16
+    GEMMs only (bfloat16 and float32 always accumulate in float32)."""
+    if hasattr(torch.backends.cuda.matmul, "allow_fp16_accumulation"):
+        torch.backends.cuda.matmul.allow_fp16_accumulation = bool(options.fp16_acc and dtype == torch.float16)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+# --- the cache -------------------------------------------------------------------------------
+
+def cache_dir(cfg: ViTConfig, batch: int, dtype: torch.dtype, root=DEFAULT_CACHE_ROOT) -> Path:
+    dt = str(dtype).replace("torch.", "")
+    return Path(root) / f"{cfg.model_name}_{cfg.variant}_bs{batch}_{dt}"
+
+
+def cache_key(cfg: ViTConfig, batch: int, dtype: torch.dtype, target: Target, options: Options) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "engine": ENGINE_VERSION, "config": json.loads(cfg.to_json()), "batch": batch,
+        "dtype": str(dtype), "gpu": target.name, "target": target.kind, "torch": torch.__version__,
+        "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None), "triton": triton_version,
+        "options": options.key(),
+    }
+
+
+def load_cached_plan(directory: Path, key: dict):
+    """(plan, None) from a valid matching entry, or (None, why it was not used)."""
+    path = directory / "plan.json"
+    if not path.exists():
+        return None, "no cache entry"
+    try:
+        entry = json.loads(path.read_text())
+        if entry.get("key") != key:
+            theirs = entry.get("key", {})
+            diff = [k for k in key if theirs.get(k) != key[k]]
+            return None, f"stale or foreign cache entry (differs in {', '.join(diff) or 'format'})"
+        return ops.Plan(**entry["plan"]), None
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        return None, f"unreadable cache entry ({type(err).__name__})"
+
+
+def save_plan(directory: Path, key: dict, plan: ops.Plan, report: dict):
+    from .results import write_json_atomic
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(directory / "plan.json", {"key": key, "plan": plan.as_dict(), "measured": report})
+
+
+# --- choosing implementations by measuring ---------------------------------------------------
+
+def _fastest(candidates: dict, device) -> tuple:
+    """Time each callable (skipping those that fail here); return (name, {name: ms})."""
+    times = {}
+    for name, fn in candidates.items():
+        try:
+            times[name] = measure(fn, device, warmup_s=0.05, min_iters=10, max_iters=200, budget_s=0.15).median_ms
+        except (RuntimeError, ValueError, NotImplementedError):
+            continue  # a backend that does not support this shape, dtype or GPU
+    if not times:
+        raise EngineError(f"no implementation of {', '.join(candidates)} runs here")
+    return min(times, key=times.get), times
+
+
+@torch.no_grad()
+def choose_plan(model, batch: int, target: Target, options: Options) -> tuple:
+    """Measure each op's alternatives at this batch's real shapes, using block 0's weights."""
+    cfg = model.cfg
+    dev, dtype = target.device, model.patch_embed.weight.dtype
+    rows = batch * cfg.seq_len
+    blk = model.blocks[0]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(rows, cfg.embed_dim, device=dev, dtype=dtype, generator=gen)
+    n = blk.norm1
+    norm, t_norm = _fastest({
+        "torch": lambda: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, "torch"),
+        "triton": lambda: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, "triton"),
+    }, dev)
+    act_candidates = {"separate": lambda: ops.linear_gelu(x, blk.fc1.weight, blk.fc1.bias, cfg.act, "separate")}
+    if cfg.act == "gelu_tanh" or not options.exact_gelu:
+        act_candidates["epilogue"] = lambda: ops.linear_gelu(x, blk.fc1.weight, blk.fc1.bias, cfg.act, "epilogue")
+    mlp_act, t_act = _fastest(act_candidates, dev)
+    a = torch.randn(rows, cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
+    residual, t_res = _fastest({
+        "add": lambda: ops.residual_linear(x, a, blk.proj.weight, "add"),
+        "addmm": lambda: ops.residual_linear(x, a, blk.proj.weight, "addmm"),
+    }, dev)
+    qkv = torch.randn(rows, 3 * cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
+
+    def attention_with(backend):
+        def run():
+            with ops.sdpa_backend(backend):
+                return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim)
+        return run
+    attention, t_attn = _fastest({b: attention_with(b) for b in target.attention_backends}, dev)
+    plan = ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention)
+    return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn}
+
+
+# --- the compiled engine ---------------------------------------------------------------------
+
+@dataclass
+class CompiledEngine:
+    """The engine for one batch size: a model with its plan, replayed from one graph on GPU."""
+    model: torch.nn.Module
+    batch: int
+    target: Target
+    use_graph: bool
+    plan: ops.Plan
+    info: dict = field(default_factory=dict)
+    _graph: Optional[object] = None
+    _static_in: Optional[torch.Tensor] = None
+    _static_out: Optional[torch.Tensor] = None
+
+    @property
+    def input_shape(self):
+        cfg = self.model.cfg
+        return (self.batch, cfg.in_chans, *cfg.img_size)
+
+    @property
+    def dtype(self):
+        return self.model.patch_embed.weight.dtype
+
+    def check_input(self, images: torch.Tensor):
+        want = (self.input_shape, self.dtype, self.target.device)
+        got = (tuple(images.shape), images.dtype, images.device)
+        if got[0] != want[0] or got[1] != want[1] or got[2].type != want[2].type:
+            raise EngineError(f"input mismatch: expected shape {want[0]} {str(want[1]).replace('torch.', '')} "
+                              f"on {want[2].type}, given {got[0]} {str(got[1]).replace('torch.', '')} on {got[2].type}")
+
+    @torch.no_grad()
+    def capture(self):
+        shape, dev = self.input_shape, self.target.device
+        self._static_in = torch.randn(shape, device=dev, dtype=self.dtype)
+        if not self.use_graph:
+            return self
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile Triton kernels and create library handles outside capture
+                self.model(self._static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._static_out = self.model(self._static_in)
+        torch.cuda.synchronize()
+        return self
+
+    @torch.no_grad()
+    def run(self):
+        """One forward on the engine's own input buffer (what the benchmark times)."""
+        if self._graph is not None:
+            self._graph.replay()
+            return self._static_out
+        return self.model(self._static_in)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_input(images)
+        if self._graph is None:
+            return self.model(images)
+        self._static_in.copy_(images)
+        self._graph.replay()
+        return self._static_out.clone()
+
+
+def compile_engine(model, batch: int, target: Target, options: Options, cache_root=DEFAULT_CACHE_ROOT,
+                   log=print) -> CompiledEngine:
+    """Choose (or reuse) the plan for this batch size and capture the graph."""
+    cfg = model.cfg
+    dtype = model.patch_embed.weight.dtype
+    t0 = time.perf_counter()
+    apply_global_options(options, dtype)
+    use_graph = target.graphs_by_default if options.use_graph is None else options.use_graph
+    if use_graph and not target.is_gpu:
+        use_graph = False
+    info = {"use_graph": use_graph}
+    if not target.is_gpu:
+        plan = ops.Plan()  # the CPU runs the plain-PyTorch reference path
+        info["plan_source"] = "reference (CPU)"
+    else:
+        directory = cache_dir(cfg, batch, dtype, cache_root)
+        key = cache_key(cfg, batch, dtype, target, options)
+        plan, why = load_cached_plan(directory, key)
+        if plan is not None:
+            info["plan_source"] = f"cached ({directory})"
+        else:
+            if why != "no cache entry":
+                log(f"note: {directory}: {why}; rebuilding")
+            plan, report = choose_plan(model.set_plan(ops.Plan()), batch, target, options)
+            save_plan(directory, key, plan, report)
+            info["plan_source"] = f"measured, saved to {directory}"
+            info["measured"] = report
+    model.set_plan(plan)
+    engine = CompiledEngine(model, batch, target, use_graph, plan, info).capture()
+    info["compile_s"] = round(time.perf_counter() - t0, 2)
+    return engine

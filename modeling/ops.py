@@ -1,0 +1,174 @@
+"""The ops the ViT is built from, each fast path beside its plain-PyTorch reference.
+
+A `Plan` names which implementation each op uses. `Plan()` is the reference: plain PyTorch,
+what runs on the CPU in float32. The compile step (engine/compile.py) picks the fast ones
+by measuring them on the GPU at hand.
+
+One trick spans several ops: the residual stream is stored *without* the biases of the
+two GEMMs that add into it (attention proj, mlp fc2), so those GEMMs can accumulate into
+the stream in place (`x += a @ W.T`, the residual as cuBLAS's C operand) with no bias and
+no separate add kernel. The biases are summed ahead of time into a per-column `shift`
+that the next LayerNorm adds on load (weight_utils.py computes the shifts). Every
+reference below computes the same math in the plain way.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+NORM_IMPLS = ("torch", "triton")
+MLP_ACT_IMPLS = ("separate", "epilogue")
+RESIDUAL_IMPLS = ("add", "addmm")
+ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which implementation each op uses. The default is the plain-PyTorch reference."""
+    norm: str = "torch"            # LayerNorm: torch's, or the Triton kernel (kernels.py)
+    mlp_act: str = "separate"      # fc1 + GELU: two kernels, or GELU(tanh) in the cuBLASLt epilogue
+    residual: str = "add"          # proj/fc2 + residual: out-of-place add, or in-place addmm
+    attention: str = "auto"        # SDPA backend; "auto" lets torch choose
+
+    def __post_init__(self):
+        for name, allowed in (("norm", NORM_IMPLS), ("mlp_act", MLP_ACT_IMPLS),
+                              ("residual", RESIDUAL_IMPLS), ("attention", ATTENTION_BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"plan.{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- patch embedding -------------------------------------------------------------------------
+
+def patchify(images: torch.Tensor, patch_size) -> torch.Tensor:
+    """(B, C, H, W) images -> (B * patches, C * ph * pw) rows, in the conv weight's (c, kh, kw) order,
+    so the patch embedding is one GEMM instead of a convolution plus layout transposes."""
+    b, c, h, w = images.shape
+    ph, pw = patch_size
+    x = images.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b * (h // ph) * (w // pw), c * ph * pw)
+
+
+def patch_embed_reference(images, weight4d, bias):
+    """What TIMM does: a strided convolution, flattened to tokens."""
+    return F.conv2d(images, weight4d, bias, stride=weight4d.shape[-2:]).flatten(2).transpose(1, 2)
+
+
+def assemble_tokens(patch_tokens: torch.Tensor, pos_patch: torch.Tensor, prefix: torch.Tensor,
+                    batch: int) -> torch.Tensor:
+    """Patch tokens + position table (patch bias folded in), behind the prefix tokens
+    (class and register tokens, their position embedding folded in): (B * T, D)."""
+    n_patch, dim = pos_patch.shape
+    n_prefix = prefix.shape[0]
+    if n_prefix == 0:
+        return (patch_tokens.view(batch, n_patch, dim) + pos_patch).view(batch * n_patch, dim)
+    x = torch.empty(batch, n_prefix + n_patch, dim, device=patch_tokens.device, dtype=patch_tokens.dtype)
+    x[:, :n_prefix] = prefix
+    torch.add(patch_tokens.view(batch, n_patch, dim), pos_patch, out=x[:, n_prefix:])
+    return x.view(batch * (n_prefix + n_patch), dim)
+
+
+# --- LayerNorm --------------------------------------------------------------------------------
+
+def layer_norm_reference(x, weight, bias, eps, shift=None):
+    x32 = x.float() if shift is None else x.float() + shift.float()
+    return F.layer_norm(x32, x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def layer_norm(x, weight, bias, eps, shift=None, impl="torch"):
+    """LayerNorm(x + shift) over the last dim; statistics in float32, output in x's dtype."""
+    if impl == "triton":
+        from . import kernels
+        return kernels.layer_norm(x, weight, bias, eps, shift)
+    return layer_norm_reference(x, weight, bias, eps, shift)
+
+
+# --- linear layers ----------------------------------------------------------------------------
+
+def linear(x, weight, bias):
+    return F.linear(x, weight, bias)
+
+
+def gelu(x, act):
+    return F.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
+
+
+def linear_gelu_reference(x, weight, bias, act):
+    return gelu(F.linear(x, weight, bias), act)
+
+
+def linear_gelu(x, weight, bias, act, impl="separate"):
+    """fc1 with its bias and GELU. "epilogue" runs GELU in the cuBLASLt epilogue, which computes
+    the tanh approximation whatever `act` says (AITemplate's "fast_gelu" did the same)."""
+    if impl == "epilogue":
+        return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    return linear_gelu_reference(x, weight, bias, act)
+
+
+def residual_linear_reference(x, a, weight):
+    return x + F.linear(a, weight)
+
+
+def residual_linear(x, a, weight, impl="add"):
+    """x + a @ weight.T with the bias deferred to the next shift. "addmm" accumulates into x in
+    place: the residual is the GEMM's C operand, so no separate add kernel reads it again."""
+    if impl == "addmm":
+        return x.addmm_(a, weight.t())
+    return residual_linear_reference(x, a, weight)
+
+
+# --- attention --------------------------------------------------------------------------------
+
+def split_qkv(qkv: torch.Tensor, batch: int, heads: int, head_dim: int):
+    """(B * T, 3 * H * hd) -> three (B, H, T, hd) strided views, no copies."""
+    seq = qkv.shape[0] // batch
+    q, k, v = qkv.view(batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def attention_reference(qkv, batch, heads, head_dim):
+    q, k, v = (t.float() for t in split_qkv(qkv, batch, heads, head_dim))
+    attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
+    out = attn.softmax(dim=-1) @ v
+    return out.transpose(1, 2).reshape(qkv.shape[0], heads * head_dim).to(qkv.dtype)
+
+
+def attention(qkv, batch, heads, head_dim):
+    """Multi-head self-attention through SDPA on strided views of the fused QKV output.
+    The backend is chosen by the caller's `sdpa_backend` context (see `sdpa_backend`)."""
+    q, k, v = split_qkv(qkv, batch, heads, head_dim)
+    out = F.scaled_dot_product_attention(q, k, v)
+    # flash and cuDNN lay the output out as (B, T, H, hd): this reshape is then a free view
+    return out.transpose(1, 2).reshape(qkv.shape[0], heads * head_dim)
+
+
+def sdpa_backend(name: str):
+    """Context manager restricting SDPA to one backend ("auto": torch's own choice)."""
+    import contextlib
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+    return sdpa_kernel([backend])
+
+
+# --- pooling ----------------------------------------------------------------------------------
+
+def pool_tokens(x: torch.Tensor, pool: str, num_prefix: int, include_prefix: bool) -> torch.Tensor:
+    """TIMM's global pooling of (B, T, D) tokens."""
+    if pool == "token":
+        return x[:, 0]
+    x = x if include_prefix else x[:, num_prefix:]
+    if pool == "avg":
+        return x.mean(dim=1)
+    if pool == "max":
+        return x.amax(dim=1)
+    if pool == "avgmax":
+        return 0.5 * (x.amax(dim=1) + x.mean(dim=1))
+    raise ValueError(f"unknown pool {pool!r}")

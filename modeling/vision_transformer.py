@@ -1,0 +1,146 @@
+"""Vision Transformer written in a fused-op style, after AITemplate's example.
+
+Each module holds the engine's converted weights (weight_utils.py makes them from a TIMM
+state dict) and calls the ops in ops.py: a Linear with a specialization ("gelu" runs the
+activation in the GEMM's epilogue, "residual" accumulates into the residual stream in
+place), attention on the fused QKV output, and LayerNorm that adds the deferred biases on
+load. `plan` picks each op's implementation; the default plan is the plain-PyTorch reference.
+
+Shapes: tokens travel as a 2-D (batch * tokens, dim) tensor from the patch GEMM to the
+pooling, so every GEMM is one large cuBLAS call and no layout copy happens between them.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import ViTConfig
+
+
+def _buffers(module: nn.Module, **tensors):
+    for name, t in tensors.items():
+        module.register_buffer(name, t)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, shift: bool = False):
+        super().__init__()
+        self.eps = eps
+        _buffers(self, weight=torch.ones(dim), bias=torch.zeros(dim))
+        self.register_buffer("shift", torch.zeros(dim) if shift else None)
+
+    def forward(self, x, plan: ops.Plan):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.shift, plan.norm)
+
+
+class Linear(nn.Module):
+    """y = x @ W.T (+ b), with AITemplate-style specializations:
+    "" plain; "gelu" bias + GELU; "residual" x_res += a @ W.T (bias deferred to the next shift)."""
+
+    def __init__(self, in_features: int, out_features: int, specialization: str = "", act: str = "gelu",
+                 bias: bool = True):
+        super().__init__()
+        self.specialization, self.act = specialization, act
+        _buffers(self, weight=torch.zeros(out_features, in_features))
+        has_bias = bias and specialization != "residual"
+        self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
+
+    def forward(self, x, plan: ops.Plan, residual=None):
+        if self.specialization == "gelu":
+            return ops.linear_gelu(x, self.weight, self.bias, self.act, plan.mlp_act)
+        if self.specialization == "residual":
+            return ops.residual_linear(residual, x, self.weight, plan.residual)
+        return ops.linear(x, self.weight, self.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += proj(attn(qkv(norm1(x)))); x += fc2(gelu(fc1(norm2(x))))."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        d, a = cfg.embed_dim, cfg.num_heads * cfg.head_dim
+        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.norm1 = LayerNorm(d, cfg.norm_eps, shift=True)
+        self.qkv = Linear(d, 3 * a)
+        self.proj = Linear(a, d, "residual")
+        self.norm2 = LayerNorm(d, cfg.norm_eps, shift=True)
+        self.fc1 = Linear(d, cfg.mlp_hidden, "gelu", cfg.act)
+        self.fc2 = Linear(cfg.mlp_hidden, d, "residual")
+
+    def forward(self, x, batch: int, plan: ops.Plan):
+        qkv = self.qkv(self.norm1(x, plan), plan)
+        x = self.proj(ops.attention(qkv, batch, self.heads, self.head_dim), plan, residual=x)
+        return self.fc2(self.fc1(self.norm2(x, plan), plan), plan, residual=x)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.patch_embed = Linear(cfg.patch_dim, d, bias=False)  # its bias lives in pos_patch
+        # position table for patch tokens (patch bias folded in) and the ready prefix tokens
+        _buffers(self, pos_patch=torch.zeros(cfg.num_patches, d),
+                 prefix=torch.zeros(cfg.num_prefix_tokens, d))
+        self.norm_pre = LayerNorm(d, cfg.norm_eps) if cfg.pre_norm else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        _buffers(self, final_shift=torch.zeros(d))
+        # one LayerNorm at the end: per token (TIMM's `norm`) or after pooling (`fc_norm`)
+        self.norm = LayerNorm(d, cfg.norm_eps) if cfg.final_norm or cfg.fc_norm else None
+        self.head = Linear(d, cfg.num_classes)
+        self.plan = ops.Plan()
+        self.requires_grad_(False)
+
+    def set_plan(self, plan: ops.Plan) -> "VisionTransformer":
+        self.plan = plan
+        return self
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        tokens = self.patch_embed(ops.patchify(images, cfg.patch_size), self.plan)
+        x = ops.assemble_tokens(tokens, self.pos_patch, self.prefix, images.shape[0])
+        if self.norm_pre is not None:
+            x = self.norm_pre(x, self.plan)
+        return x
+
+    def pool(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        cfg, plan = self.cfg, self.plan
+        tokens = x.view(batch, cfg.seq_len, cfg.embed_dim)
+        if cfg.final_norm and cfg.global_pool != "token":
+            # a per-token norm before a reduction: normalize every token, then pool
+            normed = ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, self.final_shift, plan.norm)
+            return ops.pool_tokens(normed.view_as(tokens), cfg.global_pool, cfg.num_prefix_tokens,
+                                   cfg.pool_include_prefix)
+        pooled = ops.pool_tokens(tokens, cfg.global_pool, cfg.num_prefix_tokens, cfg.pool_include_prefix)
+        if self.norm is not None:  # fc_norm, or a per-token norm of the one pooled class token
+            return ops.layer_norm(pooled, self.norm.weight, self.norm.bias, self.norm.eps, self.final_shift,
+                                  plan.norm)
+        return pooled + self.final_shift.to(pooled.dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch = images.shape[0]
+        with ops.sdpa_backend(self.plan.attention):
+            x = self.embed(images)
+            for block in self.blocks:
+                x = block(x, batch, self.plan)
+            return self.head(self.pool(x, batch), self.plan)
+
+    def load_engine_state(self, state: Dict[str, torch.Tensor]) -> "VisionTransformer":
+        """Load converted weights, keeping each tensor's own dtype (norm params stay float32)."""
+        own = dict(self.named_buffers())
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"engine weights do not fit {self.cfg.model_name}: "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for name, tensor in state.items():
+            if tuple(own[name].shape) != tuple(tensor.shape):
+                raise ValueError(f"engine weight {name}: shape {tuple(tensor.shape)}, "
+                                 f"{self.cfg.model_name} needs {tuple(own[name].shape)}")
+            module_name, _, attr = name.rpartition(".")
+            module = self.get_submodule(module_name) if module_name else self
+            module.register_buffer(attr, tensor)
+        return self

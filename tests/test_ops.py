@@ -1,0 +1,109 @@
+"""Each fused op against its plain-PyTorch reference, on odd sizes (Triton under TRITON_INTERPRET=1)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling import ops
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("rows,width", [(197, 192), (577, 384), (197, 768), (50, 1024), (13, 1280), (3, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_layer_norm_matches_reference(rows, width, dtype):
+    g = torch.Generator().manual_seed(rows * width)
+    x = (torch.randn(rows, width, generator=g) * 3 + 1).to(dtype)
+    w, b = torch.randn(width, generator=g), torch.randn(width, generator=g)
+    shift = torch.randn(width, generator=g)
+    for s in (None, shift):
+        got = ops.layer_norm(x, w, b, 1e-6, s, impl="triton")
+        want = ops.layer_norm_reference(x, w, b, 1e-6, s)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert _rel(got, want) < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+def test_triton_layer_norm_strided_rows_and_plain_semantics():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(5, 197, 192, generator=g)
+    rows = tokens[:, 0]  # class-token rows: stride 197 * 192
+    w, b, s = torch.randn(192, generator=g), torch.randn(192, generator=g), torch.randn(192, generator=g)
+    got = ops.layer_norm(rows, w, b, 1e-5, s, impl="triton")
+    assert torch.allclose(got, F.layer_norm(rows + s, (192,), w, b, 1e-5), atol=1e-5)
+
+
+def test_triton_layer_norm_eps_matters():
+    x = torch.randn(7, 192) * 1e-3  # variance near eps: a wrong eps must change the output
+    w, b = torch.ones(192), torch.zeros(192)
+    a = ops.layer_norm(x, w, b, 1e-6, impl="triton")
+    c = ops.layer_norm(x, w, b, 1e-5, impl="triton")
+    assert _rel(a, c) > 1e-3
+
+
+@pytest.mark.parametrize("patch,size,chans", [(16, 48, 3), (14, 42, 3), (8, 24, 1), (32, 64, 3)])
+def test_patchify_gemm_matches_convolution(patch, size, chans):
+    g = torch.Generator().manual_seed(patch)
+    images = torch.randn(3, chans, size, size, generator=g)
+    w4 = torch.randn(24, chans, patch, patch, generator=g)
+    bias = torch.randn(24, generator=g)
+    got = (ops.patchify(images, (patch, patch)) @ w4.reshape(24, -1).t() + bias).view(3, -1, 24)
+    want = ops.patch_embed_reference(images, w4, bias)
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch,seq,heads,hd", [(2, 197, 3, 64), (1, 577, 2, 32), (3, 17, 4, 16)])
+def test_attention_on_fused_qkv_matches_reference(batch, seq, heads, hd):
+    qkv = torch.randn(batch * seq, 3 * heads * hd, generator=torch.Generator().manual_seed(seq))
+    got = ops.attention(qkv, batch, heads, hd)
+    want = ops.attention_reference(qkv, batch, heads, hd)
+    assert got.shape == (batch * seq, heads * hd)
+    assert _rel(got, want) < 1e-5
+
+
+def test_residual_linear_in_place_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    x, a, w = torch.randn(197, 192, generator=g), torch.randn(197, 96, generator=g), torch.randn(192, 96, generator=g)
+    want = ops.residual_linear_reference(x, a, w)
+    got = ops.residual_linear(x.clone(), a, w, "addmm")
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_gelu_epilogue_within_the_tanh_approximation_of_gelu():
+    # cuBLASLt's epilogue computes the tanh approximation (torch's CPU kernel the erf form);
+    # either way it must stay within the approximation's own bound of the exact GELU
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(33, 64, generator=g), torch.randn(256, 64, generator=g), torch.randn(256, generator=g)
+    got = ops.linear_gelu(x, w, b, "gelu", "epilogue")
+    exact = ops.linear_gelu_reference(x, w, b, "gelu")
+    tanh = ops.linear_gelu_reference(x, w, b, "gelu_tanh")
+    bound = (exact - tanh).abs().max().item()
+    assert 1e-4 < bound < 1e-3
+    assert (got - exact).abs().max().item() <= bound + 1e-5
+
+
+@pytest.mark.parametrize("pool", ["token", "avg", "max", "avgmax"])
+@pytest.mark.parametrize("include_prefix", [False, True])
+def test_pool_matches_timm(pool, include_prefix):
+    from timm.models.vision_transformer import global_pool_nlc
+    x = torch.randn(2, 21, 8)
+    assert torch.equal(ops.pool_tokens(x, pool, 5, include_prefix),
+                       global_pool_nlc(x, pool, num_prefix_tokens=5, reduce_include_prefix=include_prefix))
+
+
+def test_plan_rejects_unknown_impl():
+    with pytest.raises(ValueError, match="plan.norm"):
+        ops.Plan(norm="cuda-magic")
+
+
+def test_whole_engine_with_triton_norms_matches_reference_path():
+    """The engine with the Triton LayerNorm in every norm equals the reference path."""
+    import weight_utils as wu
+    from modeling.config import vit_config
+    cfg = vit_config("vit_micro_patch8_32", class_token=True, reg_tokens=1)
+    timm_model, _ = wu.source_model(cfg, seed=3)
+    model = wu.build_engine(cfg, wu.convert(timm_model, cfg), torch.float32, "cpu")
+    images = torch.randn(2, 3, 32, 32)
+    want = model(images)
+    got = model.set_plan(ops.Plan(norm="triton", residual="addmm"))(images)
+    assert _rel(got, want) < 1e-5
