@@ -144,10 +144,9 @@ def _act_name(act: nn.Module, name: str) -> str:
 
 def config_from_timm_model(model: nn.Module, name: str, variant: str, overrides=()) -> ViTConfig:
     """Read the engine configuration off a TIMM VisionTransformer, refusing what we lack."""
-    from timm.layers import PatchEmbed
-    from timm.layers.attention import Attention
-    from timm.layers.mlp import Mlp
-    from timm.models.vision_transformer import Block, VisionTransformer
+    from timm.layers import Mlp, PatchEmbed
+    from timm.models import vision_transformer as tvit
+    Attention, Block, VisionTransformer = tvit.Attention, tvit.Block, tvit.VisionTransformer
 
     if not isinstance(model, VisionTransformer):
         raise _unsupported(name, f"model class {type(model).__name__} (need VisionTransformer)")

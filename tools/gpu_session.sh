@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call: environment, GPU self-checks, verification, engine sweep, baselines, profiles.
+# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile)
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+OUT="${OUT:-out}"; mkdir -p "$OUT"
+log() { echo "=== $*"; }
+for step in "$@"; do
+  case "$step" in
+    env) log env; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
+         python3 -c "import torch, timm, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'timm', timm.__version__, 'triton', triton.__version__)";;
+    selftest) log selftest; python3 tools/gpu_selftest.py;;
+    verify) log verify
+      for m in vit_base_patch16_224 vit_large_patch16_384; do for dt in float16 bfloat16; do
+        python3 verification.py --model-name $m --variant ait --dtype $dt --batch-size 8 2>&1 | grep -v '^note' ; done; done;;
+    bench_b) log bench_b; python3 benchmark_ait.py --model-name vit_base_patch16_224 --output-dir "$OUT" 2>&1 | grep -E "ait ait batch|error";;
+    bench_l) log bench_l; python3 benchmark_ait.py --model-name vit_large_patch16_384 --output-dir "$OUT" 2>&1 | grep -E "ait ait batch|error";;
+    pt) log pt
+      for m in vit_base_patch16_224 vit_large_patch16_384; do for b in 1 256; do
+        python3 benchmark_pt.py --model-name $m --batch-size $b --output-dir "$OUT" 2>&1 | grep -E "batch|error"; done; done;;
+    profile) log profile
+      python3 tools/profile_engine.py vit_base_patch16_224 ait 256; python3 tools/profile_engine.py vit_base_patch16_224 ait 1;;
+  esac
+done
