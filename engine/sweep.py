@@ -47,6 +47,9 @@ def run_sweep(engine: str, mode: str, cfg, target: Target, dtype, sizes: Iterabl
                "variant": cfg.variant}
         try:
             fn, info = make_runner(batch)
+            if target.is_gpu:  # peak memory of serving, not of compiling or autotuning
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             timing = measure(fn, target.device, **timing_kwargs)
             row.update(latency_ms=timing.median_ms, qps=batch * 1e3 / timing.median_ms, timing=timing.as_dict(),
                        **info)
