@@ -153,9 +153,10 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     def attention_with(backend):
         def run():
             with ops.sdpa_backend(backend):
-                return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim)
+                return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, backend)
         return run
-    attention, t_attn = _fastest({b: attention_with(b) for b in target.attention_backends}, dev, use_graph)
+    backends = [b for b in target.attention_backends if not (b == "triton" and dtype == torch.float32)]
+    attention, t_attn = _fastest({b: attention_with(b) for b in backends}, dev, use_graph)
     plan = ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention)
     return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn}
 

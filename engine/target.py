@@ -29,9 +29,9 @@ class Target:
     def attention_backends(self):
         """SDPA backends worth measuring here. cuDNN attention is CUDA-only."""
         if self.kind == "cuda":
-            return ("cudnn", "flash", "efficient")
+            return ("cudnn", "flash", "efficient", "triton")
         if self.kind == "rocm":
-            return ("flash", "efficient")
+            return ("flash", "efficient", "triton")
         return ("math",)
 
     @property

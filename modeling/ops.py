@@ -22,7 +22,7 @@ import torch.nn.functional as F
 NORM_IMPLS = ("torch", "triton")
 MLP_ACT_IMPLS = ("separate", "epilogue")
 RESIDUAL_IMPLS = ("add", "addmm")
-ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
+ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn", "triton")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Plan:
     norm: str = "torch"            # LayerNorm: torch's, or the Triton kernel (kernels.py)
     mlp_act: str = "separate"      # fc1 + GELU: two kernels, or GELU(tanh) in the cuBLASLt epilogue
     residual: str = "add"          # proj/fc2 + residual: out-of-place add, or in-place addmm
-    attention: str = "auto"        # SDPA backend; "auto" lets torch choose
+    attention: str = "auto"        # an SDPA backend ("auto": torch's choice), or our Triton kernel
 
     def __post_init__(self):
         for name, allowed in (("norm", NORM_IMPLS), ("mlp_act", MLP_ACT_IMPLS),
@@ -138,9 +138,12 @@ def attention_reference(qkv, batch, heads, head_dim):
     return out.transpose(1, 2).reshape(qkv.shape[0], heads * head_dim).to(qkv.dtype)
 
 
-def attention(qkv, batch, heads, head_dim):
-    """Multi-head self-attention through SDPA on strided views of the fused QKV output.
-    The backend is chosen by the caller's `sdpa_backend` context (see `sdpa_backend`)."""
+def attention(qkv, batch, heads, head_dim, impl="auto"):
+    """Multi-head self-attention on the fused QKV output: our Triton kernel, or SDPA on strided
+    views with the backend chosen by the caller's `sdpa_backend` context."""
+    if impl == "triton":
+        from . import kernels
+        return kernels.attention(qkv, batch, heads, head_dim)
     q, k, v = split_qkv(qkv, batch, heads, head_dim)
     out = F.scaled_dot_product_attention(q, k, v)
     # flash and cuDNN lay the output out as (B, T, H, hd): this reshape is then a free view
@@ -150,7 +153,7 @@ def attention(qkv, batch, heads, head_dim):
 def sdpa_backend(name: str):
     """Context manager restricting SDPA to one backend ("auto": torch's own choice)."""
     import contextlib
-    if name == "auto":
+    if name in ("auto", "triton"):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,

@@ -107,3 +107,21 @@ def test_whole_engine_with_triton_norms_matches_reference_path():
     want = model(images)
     got = model.set_plan(ops.Plan(norm="triton", residual="addmm"))(images)
     assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("batch,seq,heads,hd,block_m", [(2, 197, 3, 64, 64), (1, 50, 2, 80, 16), (2, 17, 4, 16, 32)])
+def test_triton_attention_matches_reference(batch, seq, heads, hd, block_m):
+    from modeling import kernels
+    g = torch.Generator().manual_seed(seq + hd)
+    qkv = torch.randn(batch * seq, 3 * heads * hd, generator=g).to(torch.float16)
+    got = kernels.attention(qkv, batch, heads, hd, block_m=block_m)
+    want = ops.attention_reference(qkv, batch, heads, hd)
+    assert got.shape == (batch * seq, heads * hd) and got.dtype == torch.float16
+    assert _rel(got, want) < 2e-3
+    assert _rel(ops.attention(qkv.float(), batch, heads, hd, "triton"), want.float()) < 2e-3
+
+
+def test_attention_block_m_fills_the_gpu():
+    from modeling.kernels import attention_block_m
+    assert attention_block_m(256, 12, 196) == 128
+    assert attention_block_m(1, 12, 196) == 16

@@ -19,6 +19,8 @@ for step in "$@"; do
       for m in vit_base_patch16_224 vit_large_patch16_384; do for b in 1 256; do
         python3 benchmark_pt.py --model-name $m --batch-size $b --output-dir "$OUT" 2>&1 | grep -E "batch|error"; done; done;;
     profile) log profile
-      python3 tools/profile_engine.py vit_base_patch16_224 ait 256; python3 tools/profile_engine.py vit_base_patch16_224 ait 1;;
+      for m in vit_base_patch16_224 vit_large_patch16_384; do for b in 1 256; do
+        python3 tools/profile_engine.py $m ait $b 2>&1 | grep -v Warn; done; done;;
+    clocks) log clocks; python3 tools/graph_vs_eager.py vit_base_patch16_224 256;;
   esac
 done
