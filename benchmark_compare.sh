@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1
 OUT_DIR="${OUT_DIR:-results}"
-STEPS="${STEPS:-verify ait pt compile autotune report}"
+STEPS="${STEPS:-verify ait ait_bf16 pt compile autotune report}"
 COMPILE_SIZES="${COMPILE_SIZES:-1 16 256}"
 AUTOTUNE_SIZES="${AUTOTUNE_SIZES:-1 256}"
 MODELS=("$@")
@@ -25,6 +25,7 @@ for model in "${MODELS[@]}"; do
                 python3 verification.py --model-name "$model" --variant ait --dtype "$dt" --batch-size 0
               done ;;
       ait) python3 benchmark_ait.py --model-name "$model" --output-dir "$OUT_DIR" ;;
+      ait_bf16) python3 benchmark_ait.py --model-name "$model" --dtype bfloat16 --output-dir "$OUT_DIR/bfloat16" ;;
       pt) python3 benchmark_pt.py --model-name "$model" --output-dir "$OUT_DIR" ;;
       compile) for n in $COMPILE_SIZES; do
                  python3 benchmark_pt.py --model-name "$model" --mode compile --batch-size "$n" --output-dir "$OUT_DIR"
