@@ -32,13 +32,26 @@ def progress(items, desc: str, enabled: Optional[bool] = None):
     return tqdm(items, desc=desc, unit="batch", file=sys.stderr, leave=False)
 
 
+def beside(bar, log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` that lifts a progress bar off the terminal while it prints, so the two do not run together."""
+    if not hasattr(bar, "external_write_mode"):
+        return log
+
+    def write(message: str):
+        with bar.external_write_mode(file=sys.stderr):
+            log(message)
+    return write
+
+
 def run_sweep(engine: str, mode: str, cfg, target: Target, dtype, sizes: Iterable[int],
               make_runner: Callable[[int], tuple], out_dir, stem: str, source: str,
               log=print, timing_kwargs=None) -> bool:
     """Time `make_runner(batch) -> (fn, info)` at each size; returns True if every size ran."""
     complete = True
     timing_kwargs = timing_kwargs or {}
-    for batch in progress(sizes, f"{engine} {mode}"):
+    bar = progress(sizes, f"{engine} {mode}")
+    log = beside(bar, log)
+    for batch in bar:
         if target.is_gpu:
             gc.collect()
             torch.cuda.empty_cache()
