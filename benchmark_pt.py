@@ -4,13 +4,15 @@
 
 Same sweep, harness and results format as benchmark_ait.py; eager writes
 {model}_pt_benchmark_dev_{flag}.txt, other modes {model}_pt_{mode}_benchmark_dev_{flag}.txt.
+Under `torchrun --nproc-per-node K`, N is the global batch and each process runs N/K, as in
+benchmark_ait.py.
 """
 import sys
 
 import click
 
 from engine.cli import (device_option, dtype_option, fail_cleanly, model_option, parse_dtype, resolve_config,
-                        variant_option, weights_options)
+                        time_budget_option, variant_option, weights_options)
 
 MODES = ["eager", "compile", "reduce-overhead", "max-autotune"]
 
@@ -19,34 +21,40 @@ MODES = ["eager", "compile", "reduce-overhead", "max-autotune"]
 @model_option()
 @variant_option("ait")
 @click.option("--batch-size", type=click.IntRange(min=0), default=0, show_default=True,
-              help="0: the whole sweep; N: only N")
+              help="0: the whole sweep; N: only N (under torchrun: the global batch)")
 @click.option("--mode", type=click.Choice(MODES), default="eager", show_default=True,
               help="eager, or torch.compile with that mode (reduce-overhead and max-autotune use CUDA graphs)")
 @device_option
 @dtype_option()
 @weights_options
 @click.option("--output-dir", type=click.Path(file_okay=False), default=".", show_default=True)
+@time_budget_option
 @fail_cleanly
-def main(model_name, variant, batch_size, mode, device, dtype, checkpoint, seed, pretrained, output_dir):
+def main(model_name, variant, batch_size, mode, device, dtype, checkpoint, seed, pretrained, output_dir, time_budget):
     """Benchmark TIMM's model in PyTorch."""
     import time
 
     import torch
 
     from engine.results import check_writable, results_stem
-    from engine.sweep import run_sweep, sweep_sizes
-    from engine.target import detect, visible_devices_flag
+    from engine.distributed import setup
+    from engine.sweep import announce, run_sweep, sweep_sizes, timing_for
+    from engine.target import visible_devices_flag
     from modeling.config import describe
     from weight_utils import source_model
 
     cfg = resolve_config(model_name, variant)
-    target = detect(device)
+    group, target = setup(device)
     dt = parse_dtype(dtype, target)
-    check_writable(output_dir)
+    if group.is_main:  # rank 0 writes the results
+        check_writable(output_dir)
+    sizes = group.global_sizes(batch_size, sweep_sizes(target))
+    group.init(target)
     model, source = source_model(cfg, checkpoint, seed, pretrained)
     model = model.to(target.device, dt)
-    sizes = sweep_sizes(target) if batch_size == 0 else [batch_size]
-    click.echo(f"model: {describe(cfg, dt)} on {target.name}, PyTorch {mode}; weights: {source}", err=True)
+    say = (lambda m: click.echo(m, err=True)) if group.is_main else (lambda m: None)
+    say(f"model: {describe(cfg, dt)} on {target.name}, PyTorch {mode}; weights: {source}")
+    announce(group, sizes, sweep_sizes(target) if batch_size == 0 else sizes, say)
 
     def make_runner(batch):
         images = torch.randn(batch, cfg.in_chans, *cfg.img_size, device=target.device, dtype=dt)
@@ -69,10 +77,12 @@ def main(model_name, variant, batch_size, mode, device, dtype, checkpoint, seed,
     engine = "pt" if mode == "eager" else f"pt_{mode}"
     stem = results_stem(model_name, engine, visible_devices_flag(target))
     complete = run_sweep("pt", mode, cfg, target, dt, sizes, make_runner, output_dir, stem, str(source),
-                         log=lambda m: click.echo(m, err=True))
-    click.echo(f"results: {stem}.txt, {stem}.json in {output_dir}")
+                         log=lambda m: click.echo(m, err=True), timing_kwargs=timing_for(time_budget), group=group)
+    group.shutdown()
+    if group.is_main:
+        click.echo(f"results: {stem}.txt, {stem}.json in {output_dir}")
     if not complete:
-        click.echo("error: the sweep was partial (some batch sizes ran out of memory)", err=True)
+        say("error: the sweep was partial (some batch sizes ran out of memory)")
         sys.exit(3)
 
 

@@ -38,6 +38,11 @@ device_option = click.option("--device", type=click.Choice(["cuda", "cpu"]), def
                              help="default: the GPU if there is one, else the CPU (with a notice)")
 
 
+time_budget_option = click.option("--time-budget", type=click.FloatRange(min=0.0, min_open=True), default=2.0,
+                                  show_default=True,
+                                  help="seconds of timed calls per batch size (after a warm-up of up to 0.5 s)")
+
+
 def weights_options(fn):
     fn = click.option("--pretrained", type=bool, default=False,
                       help="TIMM's hub weights (needs the local cache or a network)")(fn)

@@ -235,9 +235,7 @@ def compile_engine(model, batch: int, target: Target, options: Options, cache_ro
     dtype = model.patch_embed.weight.dtype
     t0 = time.perf_counter()
     apply_global_options(options, dtype)
-    use_graph = target.graphs_by_default if options.use_graph is None else options.use_graph
-    if use_graph and not target.is_gpu:
-        use_graph = False
+    use_graph = target.use_graph(options.use_graph)
     info = {"use_graph": use_graph}
     if not target.is_gpu:
         plan = ops.Plan()  # the CPU runs the plain-PyTorch reference path

@@ -95,7 +95,10 @@ def record(directory, stem: str, row: dict):
     latency = row["latency_ms"]
     text = f"batch_size: {row['batch_size']}, latency: {latency if isinstance(latency, str) else f'{latency:.4f}'}"
     if row.get("devices", 1) > 1:
-        text += f", devices: {row['devices']}, qps: {row['qps']:.2f}"
+        qps = row.get("qps")
+        text += f", devices: {row['devices']}, qps: {'OOM' if qps is None else f'{qps:.2f}'}"
+        if row.get("rank") is not None:  # one device's share of a data-parallel run
+            text += f", rank: {row['rank']}, local_batch_size: {row['local_batch_size']}"
     append_line(directory / f"{stem}.txt", text)
     json_path = directory / f"{stem}.json"
     key = lambda r: (r.get("batch_size"), r.get("devices", 1), r.get("mode"), r.get("rank"),

@@ -39,6 +39,10 @@ class Target:
         """CUDA graphs on by default on CUDA; off on ROCm, as the original example ran there."""
         return self.kind == "cuda"
 
+    def use_graph(self, requested: Optional[bool] = None) -> bool:
+        """--use-graph: None takes the target's default; graphs exist only on a GPU."""
+        return self.is_gpu and (self.graphs_by_default if requested is None else bool(requested))
+
     @property
     def default_dtype(self) -> torch.dtype:
         return torch.float16 if self.is_gpu else torch.float32
@@ -57,8 +61,9 @@ def detect(device: Optional[str] = None, local_rank: int = 0, quiet: bool = Fals
             print("notice: no GPU found, running on the CPU (reference path, float32)", file=sys.stderr)
     if device in ("cuda", "gpu", "rocm", "hip"):
         if not has_gpu:
+            var = "HIP_VISIBLE_DEVICES" if gpu_kind() == "rocm" else "CUDA_VISIBLE_DEVICES"
             raise EngineError(f"--device {device}: no GPU is visible to torch "
-                              f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+                              f"(torch {torch.__version__}, {var}={os.environ.get(var, 'unset')})")
         index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return Target(gpu_kind(), torch.device("cuda", index), torch.cuda.get_device_name(index))

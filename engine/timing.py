@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -31,9 +31,14 @@ def _quantile(sorted_values, q):
 
 
 def measure(fn: Callable[[], object], device: torch.device, warmup_s: float = 0.5, min_iters: int = 20,
-            max_iters: int = 1000, budget_s: float = 2.0) -> Timing:
+            max_iters: int = 1000, budget_s: float = 2.0,
+            coordinate: Optional[Callable[[int], int]] = None) -> Timing:
     """Time `fn` repeatedly: first warm up for `warmup_s`, then at least `min_iters` calls and as
-    many as fit in `budget_s` (at most `max_iters`)."""
+    many as fit in `budget_s` (at most `max_iters`).
+
+    `coordinate(iters) -> iters`, when given, is called just before the timed loop: several
+    processes timed together use it to wait for each other and agree on one iteration count
+    (engine/distributed.py)."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     end = time.perf_counter() + warmup_s
@@ -48,6 +53,8 @@ def measure(fn: Callable[[], object], device: torch.device, warmup_s: float = 0.
     sync()
     one = max(time.perf_counter() - t0, 1e-6)
     iters = int(min(max_iters, max(min_iters, budget_s / one)))
+    if coordinate is not None:
+        iters = coordinate(iters)
     times = []
     if cuda:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
