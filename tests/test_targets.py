@@ -25,7 +25,7 @@ def test_rocm_is_detected_from_torch_version_hip(monkeypatch):
     assert t.kind == "rocm" and t.is_gpu and t.device == torch.device("cuda", 0)
     assert t.name == "AMD Instinct MI250X/MI250 0" and chosen == [0]
     assert "cudnn" not in t.attention_backends  # cuDNN attention is CUDA-only
-    assert set(t.attention_backends) == {"flash", "efficient"}
+    assert set(t.attention_backends) == {"flash", "efficient", "triton"}
     assert t.graphs_by_default is False          # off on ROCm, as the original ran there
     assert t.use_graph(None) is False and t.use_graph(True) is True  # --use-graph True turns them on
     assert t.visible_devices_var == "HIP_VISIBLE_DEVICES"
