@@ -45,6 +45,8 @@ def main(model_name, variant, batch_size, use_fp16_acc, use_graph, device, dtype
     target = detect(device)
     dt = parse_dtype(dtype, target)
     check_writable(output_dir)
+    if target.is_gpu:  # where the implementation choices are cached
+        check_writable(cache_dir, "cache directory")
     state, source, _ = engine_weights(cfg, dt, checkpoint, seed, pretrained, param_path)
     sizes = sweep_sizes(target) if batch_size == 0 else [batch_size]
     if not target.is_gpu and batch_size == 0:

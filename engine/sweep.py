@@ -32,6 +32,20 @@ def progress(items, desc: str, enabled: Optional[bool] = None):
     return tqdm(items, desc=desc, unit="batch", file=sys.stderr, leave=False)
 
 
+def is_oom(err: BaseException) -> bool:
+    """A GPU out-of-memory error, also one that torch.compile or a library wrapped in its own."""
+    for _ in range(8):  # the error, then what it was raised from
+        if err is None:
+            return False
+        text = str(err)
+        if isinstance(err, torch.cuda.OutOfMemoryError) or (
+                isinstance(err, RuntimeError) and ("CUDA out of memory" in text or "CUDA error: out of memory" in text
+                                                   or "ALLOC_FAILED" in text)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def run_sweep(engine: str, mode: str, cfg, target: Target, dtype, sizes: Iterable[int],
               make_runner: Callable[[int], tuple], out_dir, stem: str, source: str,
               log=print, timing_kwargs=None) -> bool:
@@ -56,7 +70,9 @@ def run_sweep(engine: str, mode: str, cfg, target: Target, dtype, sizes: Iterabl
             if target.is_gpu:
                 row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             log(f"{engine} {mode} batch {batch}: {timing}, {row['qps']:.1f} im/s")
-        except torch.cuda.OutOfMemoryError:
+        except Exception as err:
+            if not is_oom(err):
+                raise
             complete = False
             row.update(latency_ms="OOM", qps=None)
             log(f"{engine} {mode} batch {batch}: out of GPU memory; row marked OOM, going on")
