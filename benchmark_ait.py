@@ -54,6 +54,8 @@ def main(model_name, variant, batch_size, use_fp16_acc, use_graph, device, dtype
     dt = parse_dtype(dtype, target)
     if group.is_main:  # rank 0 writes the results
         check_writable(output_dir)
+    if target.is_gpu:  # where the implementation choices are cached
+        check_writable(cache_dir, "cache directory")
     sizes = group.global_sizes(batch_size, sweep_sizes(target))
     group.init(target)
     state, source, _ = engine_weights(cfg, dt, checkpoint, seed, pretrained, param_path)

@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +79,19 @@ def load_state_dict(path) -> Dict[str, torch.Tensor]:
             raise WeightError(f"{path}: not a readable safetensors file ({_one_line(err)})") from None
     elif suffix in STATE_DICT_SUFFIXES:
         if not zipfile.is_zipfile(path):
-            raise WeightError(f"{path}: not a PyTorch zip checkpoint (truncated, or a legacy/pickle format)")
+            with open(path, "rb") as f:
+                truncated = f.read(2) == b"PK"  # a zip archive's start without its end
+            raise WeightError(f"{path}: " + ("truncated or damaged PyTorch checkpoint (its zip directory is missing)"
+                                             if truncated else "not a PyTorch zip checkpoint (legacy or raw pickle "
+                                             "formats are refused: loading one can execute code)"))
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise WeightError(f"{path}: refused: it needs code execution to load, which weights_only "
-                              f"loading forbids ({_one_line(err)[:120]})") from None
+            found = re.search(r"GLOBAL (\S+)", str(err))
+            what = f"it references {found.group(1)}" if found else _one_line(err)[:120]
+            raise WeightError(f"{path}: refused: loading it would execute code ({what}; only tensors and "
+                              f"plain containers are loaded); re-save it as a state dict of tensors or as "
+                              f".safetensors") from None
         except Exception as err:
             raise WeightError(f"{path}: not a readable PyTorch checkpoint ({_one_line(err)[:160]})") from None
         for key in ("state_dict", "model", "model_state_dict", "module"):
@@ -121,8 +129,8 @@ def load_into_timm(model: nn.Module, path) -> Source:
     except Exception:
         pass  # the strict comparison below names what does not fit
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    missing = [f"{k} {tuple(own[k].shape)}" for k in own if k not in state]
+    unexpected = [f"{k} {tuple(state[k].shape)}" for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
@@ -304,7 +312,11 @@ def load_engine_weights(path, cfg: ViTConfig, dtype: torch.dtype):
     if meta.get("format") != FORMAT:
         raise WeightError(f"{path}: not an engine weight file (format {meta.get('format')!r}, "
                           f"want {FORMAT!r}); convert TIMM checkpoints with weight_utils.py")
-    theirs = ViTConfig.from_json(meta["config"])
+    try:
+        theirs = ViTConfig.from_json(meta["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise WeightError(f"{path}: engine weight file with an unreadable config ({_one_line(err)[:80]}); "
+                          f"convert the weights again with weight_utils.py") from None
     if theirs != cfg:
         diff = [f"{k}={getattr(theirs, k)!r} (want {getattr(cfg, k)!r})"
                 for k in cfg.__dataclass_fields__ if getattr(theirs, k) != getattr(cfg, k)]
@@ -326,6 +338,7 @@ def _main():
     import click
 
     from engine.cli import dtype_option, fail_cleanly, model_option, parse_dtype, resolve_config, variant_option
+    from engine.results import check_writable
 
     @click.command()
     @model_option(underscore=True)
@@ -344,6 +357,7 @@ def _main():
         param_path = param_path or f"{model_name}_{dtype}.safetensors"
         if not param_path.endswith(".safetensors"):
             raise WeightError(f"{param_path}: engine weights are written as .safetensors only")
+        check_writable(Path(param_path).parent)  # before any work, not after the conversion
         model, source = source_model(cfg, checkpoint, seed, pretrained)
         save_engine_weights(param_path, convert(model, cfg), cfg, dt, source)
         click.echo(f"wrote {param_path}: {model_name} ({variant}), {dtype}, weights from {source}")
@@ -352,4 +366,6 @@ def _main():
 
 
 if __name__ == "__main__":
-    _main()
+    # run the imported module's copy: fail_cleanly knows weight_utils.WeightError, not __main__'s
+    import weight_utils
+    weight_utils._main()

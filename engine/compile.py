@@ -80,7 +80,7 @@ def load_cached_plan(directory: Path, key: dict):
             diff = [k for k in key if theirs.get(k) != key[k]]
             return None, f"stale or foreign cache entry (differs in {', '.join(diff) or 'format'})"
         return ops.Plan(**entry["plan"]), None
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         return None, f"unreadable cache entry ({type(err).__name__})"
 
 
@@ -187,10 +187,12 @@ class CompiledEngine:
 
     def check_input(self, images: torch.Tensor):
         want = (self.input_shape, self.dtype, self.target.device)
+        if not isinstance(images, torch.Tensor):
+            raise EngineError(f"input mismatch: expected a tensor of shape {want[0]}, given {type(images).__name__}")
         got = (tuple(images.shape), images.dtype, images.device)
-        if got[0] != want[0] or got[1] != want[1] or got[2].type != want[2].type:
+        if got != want:
             raise EngineError(f"input mismatch: expected shape {want[0]} {str(want[1]).replace('torch.', '')} "
-                              f"on {want[2].type}, given {got[0]} {str(got[1]).replace('torch.', '')} on {got[2].type}")
+                              f"on {want[2]}, given {got[0]} {str(got[1]).replace('torch.', '')} on {got[2]}")
 
     @torch.no_grad()
     def capture(self):

@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -30,7 +31,7 @@ def results_stem(model_name: str, engine: str, flag: str) -> str:
     return f"{model_name}_{engine}_benchmark_dev_{flag}"
 
 
-def check_writable(directory) -> Path:
+def check_writable(directory, what: str = "output directory") -> Path:
     """Fail before any benchmark runs if results could not be written."""
     directory = Path(directory)
     try:
@@ -39,7 +40,7 @@ def check_writable(directory) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise EngineError(f"output directory {directory} is not writable ({err.strerror or err})") from None
+        raise EngineError(f"{what} {directory} is not writable ({err.strerror or err})") from None
     return directory
 
 
@@ -89,6 +90,24 @@ def read_json_rows(path) -> list:
         return []
 
 
+def _rows_to_update(json_path: Path) -> list:
+    """The rows already in `json_path`. A file there that does not parse (edited by hand, or
+    damaged) is moved aside rather than overwritten, so no earlier result is lost."""
+    try:
+        with open(json_path) as f:
+            rows = json.load(f)["rows"]
+        if isinstance(rows, list):
+            return rows
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError):
+        pass
+    aside = json_path.with_name(f"{json_path.name}.damaged-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    os.replace(json_path, aside)
+    print(f"warning: {json_path} did not parse; moved it aside to {aside.name}", file=sys.stderr)
+    return []
+
+
 def record(directory, stem: str, row: dict):
     """Append the text line and merge `row` into the JSON file (replacing a row of the same key)."""
     directory = Path(directory)
@@ -104,7 +123,7 @@ def record(directory, stem: str, row: dict):
     key = lambda r: (r.get("batch_size"), r.get("devices", 1), r.get("mode"), r.get("rank"),
                      r.get("environment", {}).get("gpu"), r.get("environment", {}).get("dtype"))
     with _locked(json_path):
-        rows = [r for r in read_json_rows(json_path) if key(r) != key(row)]
+        rows = [r for r in _rows_to_update(json_path) if key(r) != key(row)]
         rows.append(row)
         rows.sort(key=lambda r: (str(r.get("mode")), r.get("devices", 1), r.get("batch_size", 0)))
         write_json_atomic(json_path, {"rows": rows})

@@ -60,6 +60,20 @@ def beside(bar, log: Callable[[str], None]) -> Callable[[str], None]:
     return write
 
 
+def is_oom(err: BaseException) -> bool:
+    """A GPU out-of-memory error, also one that torch.compile or a library wrapped in its own."""
+    for _ in range(8):  # the error, then what it was raised from
+        if err is None:
+            return False
+        text = str(err)
+        if isinstance(err, torch.cuda.OutOfMemoryError) or (
+                isinstance(err, RuntimeError) and ("CUDA out of memory" in text or "CUDA error: out of memory" in text
+                                                   or "ALLOC_FAILED" in text)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def run_sweep(engine: str, mode: str, cfg, target: Target, dtype, sizes: Iterable[int],
               make_runner: Callable[[int], tuple], out_dir, stem: str, source: str,
               log=print, timing_kwargs=None, group: Optional[Group] = None) -> bool:
@@ -116,7 +130,9 @@ def _run_one(engine, mode, cfg, target, dtype, source, batch, make_runner, log, 
     try:
         try:
             fn, info = make_runner(local)
-        except torch.cuda.OutOfMemoryError:
+        except Exception as err:
+            if not is_oom(err):
+                raise
             fn = None
         if not group.all_ok(fn is not None):
             raise PeerFailed("some rank could not build its runner")
@@ -125,10 +141,12 @@ def _run_one(engine, mode, cfg, target, dtype, source, batch, make_runner, log, 
             torch.cuda.reset_peak_memory_stats()
         try:
             timing = measure(fn, target.device, coordinate=coordinate if group.enabled else None, **timing_kwargs)
-        except torch.cuda.OutOfMemoryError:
+        except Exception as err:
+            if not is_oom(err):
+                raise
             if group.enabled and not agreed:
                 group.agree(FAILED, check=False)  # keep the others' collectives in step
-            raise
+            raise torch.cuda.OutOfMemoryError(str(err)) from err
         row.update(latency_ms=timing.median_ms, qps=local * 1e3 / timing.median_ms, timing=timing.as_dict(),
                    **info)
         if target.is_gpu:

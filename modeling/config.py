@@ -165,6 +165,9 @@ def config_from_timm_model(model: nn.Module, name: str, variant: str, overrides=
         raise _unsupported(name, "overlapping or padded patch embedding")
     if not getattr(pe, "flatten", True) or getattr(pe, "dynamic_img_pad", False):
         raise _unsupported(name, "dynamic image padding")
+    if any(s % p for s, p in zip(pe.img_size, pe.patch_size)):
+        raise _unsupported(name, f"image size {pe.img_size[0]}x{pe.img_size[1]} not a multiple of the patch "
+                                 f"size {pe.patch_size[0]}x{pe.patch_size[1]} (TIMM crops the border)")
     if model.num_classes <= 0:
         raise _unsupported(name, "no classifier head (num_classes=0)")
 
@@ -242,7 +245,8 @@ def vit_config(name: str, variant: str = "timm", **kwargs) -> ViTConfig:
     except UnsupportedModel:
         raise
     except (TypeError, AssertionError, ValueError, RuntimeError) as err:
-        raise UnsupportedModel(f"{name}: TIMM could not build it with variant {variant!r}: {err}") from None
+        why = " ".join(str(err).split()) or type(err).__name__
+        raise UnsupportedModel(f"{name}: TIMM could not build it with variant {variant!r}: {why}") from None
     return config_from_timm_model(model, name, variant, sorted(kwargs.items()))
 
 
