@@ -92,16 +92,28 @@ def save_plan(directory: Path, key: dict, plan: ops.Plan, report: dict):
 
 # --- choosing implementations by measuring ---------------------------------------------------
 
+_CAPTURE_STREAMS = {}
+
+
+def capture_stream() -> "torch.cuda.Stream":
+    """One side stream per device for every warm-up and capture: cuBLAS keeps a workspace per
+    stream for the life of the process, so a fresh stream per capture would leak one each time."""
+    device = torch.cuda.current_device()
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream()
+    return _CAPTURE_STREAMS[device]
+
+
 def _graphed(fn, calls: int = 5):
     """Capture `calls` calls of fn in a CUDA graph: timing its replay leaves out launch overhead,
-    as the engine's own graph does. Falls back to fn where graphs are not used."""
-    stream = torch.cuda.Stream()
+    as the engine's own graph does."""
+    stream = capture_stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         for _ in range(calls):
             fn()
     return graph.replay
@@ -200,14 +212,14 @@ class CompiledEngine:
         self._static_in = torch.randn(shape, device=dev, dtype=self.dtype)
         if not self.use_graph:
             return self
-        stream = torch.cuda.Stream()
+        stream = capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # compile Triton kernels and create library handles outside capture
                 self.model(self._static_in)
         torch.cuda.current_stream().wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
+        with torch.cuda.graph(self._graph, stream=stream):
             self._static_out = self.model(self._static_in)
         torch.cuda.synchronize()
         return self
