@@ -13,6 +13,7 @@
 #   OUTPUT_DIR   where the results files go (default .)
 #   BENCH_ARGS   extra benchmark_ait.py arguments for every step (e.g. "--time-budget 0.5 --use-graph True")
 #   PYTHON       the interpreter (default python3)
+#   VIT_SHARE_GPU=1  on a one-GPU machine, run both processes on that GPU: a functional check only
 # Without GPUs the same flow runs as CPU processes over gloo (the CI test does, on a tiny ViT).
 set -euo pipefail
 
@@ -47,8 +48,14 @@ if [ "$GPUS" -eq 0 ]; then
 else
   if [ "$HIP" != "-" ]; then VAR=HIP_VISIBLE_DEVICES; else VAR=CUDA_VISIBLE_DEVICES; fi
   [[ "$DEVICES" =~ ^[0-9]+,[0-9]+$ ]] || die "DEVICES must name two devices, like 0,1 (got '$DEVICES')"
-  [ "$GPUS" -ge 2 ] || { echo "error: 2 GPUs needed, this machine has $GPUS" >&2; exit 2; }
   FIRST="${DEVICES%%,*}"
+  if [ "$GPUS" -lt 2 ] && [ "${VIT_SHARE_GPU:-0}" = 1 ]; then
+    # functional check only: two processes share GPU 0 (gloo for the collectives)
+    echo "note: VIT_SHARE_GPU=1: both processes share GPU $FIRST; this checks the flow, it does not measure scaling" >&2
+    DEVICES="$FIRST"
+  else
+    [ "$GPUS" -ge 2 ] || { echo "error: 2 GPUs needed, this machine has $GPUS (VIT_SHARE_GPU=1 runs both processes on one, as a functional check)" >&2; exit 2; }
+  fi
   ONE=(env "$VAR=$FIRST"); TWO=(env "$VAR=$DEVICES")
   FLAG_ONE="$FIRST"; FLAG_TWO="${DEVICES//,/_}"
   echo "devices: $VAR=$FIRST (1 device), $VAR=$DEVICES (2 devices)" >&2

@@ -31,9 +31,19 @@ class PeerFailed(RuntimeError):
     """Another rank could not run this batch size (it ran out of memory)."""
 
 
+SHARE_GPU_ENV = "VIT_SHARE_GPU"
+
+
+def sharing_gpu() -> bool:
+    """VIT_SHARE_GPU=1 lets several processes share one GPU: a functional check of the
+    data-parallel flow on a one-GPU machine, not a measurement of scaling."""
+    return os.environ.get(SHARE_GPU_ENV) == "1"
+
+
 def backend_for(target) -> str:
-    """NCCL on GPUs, CUDA and ROCm alike (RCCL answers to "nccl"); gloo on the CPU."""
-    return "nccl" if target.is_gpu else "gloo"
+    """NCCL on GPUs, CUDA and ROCm alike (RCCL answers to "nccl"); gloo on the CPU, and when
+    processes share a GPU (NCCL refuses two ranks on one device)."""
+    return "nccl" if target.is_gpu and not sharing_gpu() else "gloo"
 
 
 @dataclass
@@ -61,12 +71,13 @@ class Group:
         if not self.enabled or self.initialized:
             return self
         import torch.distributed as dist
-        if target.is_gpu and self.local_world_size > torch.cuda.device_count():
+        if target.is_gpu and self.local_world_size > torch.cuda.device_count() and not sharing_gpu():
             self._refuse(f"{self.local_world_size} processes per node but {torch.cuda.device_count()} "
                          f"GPU(s) visible ({target.visible_devices_var}={os.environ.get(target.visible_devices_var, 'unset')})")
-        kwargs = {"device_id": target.device} if target.is_gpu else {}
-        dist.init_process_group(backend_for(target), **kwargs)
-        self.device = target.device
+        backend = backend_for(target)
+        kwargs = {"device_id": target.device} if backend == "nccl" else {}
+        dist.init_process_group(backend, **kwargs)
+        self.device = target.device if backend == "nccl" else torch.device("cpu")
         self.initialized = True
         return self
 
