@@ -299,3 +299,14 @@ def test_device_table_takes_the_newest_whole_run_rows(tmp_path):
                                "speed-up: 1.60x, rank latencies: 1.0000 / 1.2500")
     missing = CliRunner().invoke(table, ["--batch-size", "2", str(tmp_path / "r.json")])
     assert missing.exit_code == 1
+
+
+def test_shared_gpu_uses_gloo_for_the_collectives(monkeypatch):
+    from engine import distributed
+    from engine.target import Target
+    import torch
+    gpu = Target("cuda", torch.device("cuda", 0), "some GPU")
+    monkeypatch.delenv(distributed.SHARE_GPU_ENV, raising=False)
+    assert distributed.backend_for(gpu) == "nccl"
+    monkeypatch.setenv(distributed.SHARE_GPU_ENV, "1")
+    assert distributed.backend_for(gpu) == "gloo"
