@@ -100,14 +100,18 @@ def first_nonfinite(model, images) -> Optional[str]:
         pooled = model.pool(x, batch)
         if not torch.isfinite(pooled).all():
             return "the final norm / pooling"
-        if not torch.isfinite(model.head(pooled, model.plan)).all():
+        if model.head is not None and not torch.isfinite(model.head(pooled, model.plan)).all():
             return "the classifier head"
     return None
 
 
 def random_images(cfg, batch: int, seed: int, device) -> torch.Tensor:
+    """Noise plus a per-image colour cast: pure noise averages out over the patches, which would
+    leave every image with nearly the same logits; a cast survives pooling, as image content does."""
     gen = torch.Generator().manual_seed(seed + 12345)
-    return torch.randn(batch, cfg.in_chans, *cfg.img_size, generator=gen).to(device)
+    images = torch.randn(batch, cfg.in_chans, *cfg.img_size, generator=gen)
+    images += torch.randn(batch, cfg.in_chans, 1, 1, generator=gen)
+    return images.to(device)
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ class ViTConfig:
     num_heads: int
     head_dim: int
     mlp_hidden: int
-    num_classes: int
+    num_classes: int         # 0: no head, the engine returns the pooled features (e.g. DINOv2)
     qkv_bias: bool
     proj_bias: bool          # bias on attn.proj, mlp.fc1 and mlp.fc2
     patch_bias: bool
@@ -168,8 +168,6 @@ def config_from_timm_model(model: nn.Module, name: str, variant: str, overrides=
     if any(s % p for s, p in zip(pe.img_size, pe.patch_size)):
         raise _unsupported(name, f"image size {pe.img_size[0]}x{pe.img_size[1]} not a multiple of the patch "
                                  f"size {pe.patch_size[0]}x{pe.patch_size[1]} (TIMM crops the border)")
-    if model.num_classes <= 0:
-        raise _unsupported(name, "no classifier head (num_classes=0)")
 
     norms = []
     acts = set()

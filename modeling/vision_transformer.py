@@ -90,7 +90,7 @@ class VisionTransformer(nn.Module):
         _buffers(self, final_shift=torch.zeros(d))
         # one LayerNorm at the end: per token (TIMM's `norm`) or after pooling (`fc_norm`)
         self.norm = LayerNorm(d, cfg.norm_eps) if cfg.final_norm or cfg.fc_norm else None
-        self.head = Linear(d, cfg.num_classes)
+        self.head = Linear(d, cfg.num_classes) if cfg.num_classes else None
         self.plan = ops.Plan()
         self.requires_grad_(False)
 
@@ -126,7 +126,8 @@ class VisionTransformer(nn.Module):
             x = self.embed(images)
             for block in self.blocks:
                 x = block(x, batch, self.plan)
-            return self.head(self.pool(x, batch), self.plan)
+            pooled = self.pool(x, batch)
+            return self.head(pooled, self.plan) if self.head is not None else pooled
 
     def load_engine_state(self, state: Dict[str, torch.Tensor]) -> "VisionTransformer":
         """Load converted weights, keeping each tensor's own dtype (norm params stay float32)."""

@@ -106,7 +106,6 @@ def test_unknown_model_from_every_script(cli, script):
     (dict(norm_layer="rmsnorm"), "normalization RmsNorm"),
     (dict(dynamic_img_size=True), "dynamic_img_size"),
     (dict(img_size=30), "image size 30x30 not a multiple of the patch size 8x8"),
-    (dict(num_classes=0), "no classifier head"),
 ])
 def test_unsupported_feature_is_named(kwargs, feature):
     with pytest.raises(UnsupportedModel, match=re.escape(feature)):
