@@ -13,12 +13,11 @@ runs data-parallel: N is the global batch, each process runs N/2 on its own devi
 appends `batch_size: N, latency: T, devices: 2, qps: Q` (T: the slowest device's median) plus
 one line per device (`..., rank: R, local_batch_size: N/2`).
 """
-import sys
 
 import click
 
 from engine.cli import (device_option, dtype_option, engine_weights, fail_cleanly, model_option, parse_dtype,
-                        resolve_config, time_budget_option, variant_option, weights_options)
+                        resolve_config, run_benchmark, time_budget_option, variant_option, weights_options)
 
 
 @click.command()
@@ -42,10 +41,9 @@ def main(model_name, variant, batch_size, use_fp16_acc, use_graph, device, dtype
          param_path, exact_gelu, output_dir, cache_dir, time_budget):
     """Benchmark the fused engine."""
     from engine.compile import Options, compile_engine
-    from engine.results import check_writable, results_stem
+    from engine.results import check_writable
     from engine.distributed import setup
-    from engine.sweep import announce, run_sweep, sweep_sizes, timing_for
-    from engine.target import visible_devices_flag
+    from engine.sweep import announce, sweep_sizes
     from modeling.config import describe
     from weight_utils import build_engine
 
@@ -73,15 +71,8 @@ def main(model_name, variant, batch_size, use_fp16_acc, use_graph, device, dtype
                             "plan_source": engine.info["plan_source"], "use_graph": engine.use_graph,
                             "fp16_acc": use_fp16_acc}
 
-    stem = results_stem(model_name, "ait", visible_devices_flag(target))
-    complete = run_sweep("ait", "ait", cfg, target, dt, sizes, make_runner, output_dir, stem, str(source),
-                         log=lambda m: click.echo(m, err=True), timing_kwargs=timing_for(time_budget), group=group)
-    group.shutdown()
-    if group.is_main:
-        click.echo(f"results: {stem}.txt, {stem}.json in {output_dir}")
-    if not complete:
-        say("error: the sweep was partial (some batch sizes ran out of memory)")
-        sys.exit(3)
+    run_benchmark("ait", "ait", "ait", cfg, target, dt, sizes, make_runner, output_dir, source, time_budget,
+                  group, say)
 
 
 if __name__ == "__main__":

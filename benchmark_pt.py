@@ -7,12 +7,11 @@ Same sweep, harness and results format as benchmark_ait.py; eager writes
 Under `torchrun --nproc-per-node K`, N is the global batch and each process runs N/K, as in
 benchmark_ait.py.
 """
-import sys
 
 import click
 
 from engine.cli import (device_option, dtype_option, fail_cleanly, model_option, parse_dtype, resolve_config,
-                        time_budget_option, variant_option, weights_options)
+                        run_benchmark, time_budget_option, variant_option, weights_options)
 
 MODES = ["eager", "compile", "reduce-overhead", "max-autotune"]
 
@@ -36,10 +35,9 @@ def main(model_name, variant, batch_size, mode, device, dtype, checkpoint, seed,
 
     import torch
 
-    from engine.results import check_writable, results_stem
+    from engine.results import check_writable
     from engine.distributed import setup
-    from engine.sweep import announce, run_sweep, sweep_sizes, timing_for
-    from engine.target import visible_devices_flag
+    from engine.sweep import announce, sweep_sizes
     from modeling.config import describe
     from weight_utils import source_model
 
@@ -75,15 +73,8 @@ def main(model_name, variant, batch_size, mode, device, dtype, checkpoint, seed,
         return run, {"compile_s": round(time.perf_counter() - t0, 2) if mode != "eager" else 0.0}
 
     engine = "pt" if mode == "eager" else f"pt_{mode}"
-    stem = results_stem(model_name, engine, visible_devices_flag(target))
-    complete = run_sweep("pt", mode, cfg, target, dt, sizes, make_runner, output_dir, stem, str(source),
-                         log=lambda m: click.echo(m, err=True), timing_kwargs=timing_for(time_budget), group=group)
-    group.shutdown()
-    if group.is_main:
-        click.echo(f"results: {stem}.txt, {stem}.json in {output_dir}")
-    if not complete:
-        say("error: the sweep was partial (some batch sizes ran out of memory)")
-        sys.exit(3)
+    run_benchmark("pt", mode, engine, cfg, target, dt, sizes, make_runner, output_dir, source, time_budget,
+                  group, say)
 
 
 if __name__ == "__main__":

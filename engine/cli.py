@@ -115,3 +115,20 @@ def fail_cleanly(fn):
 def _die(message: str, code: int = 1):
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def run_benchmark(engine: str, mode: str, results_name: str, cfg, target, dtype, sizes, make_runner,
+                  output_dir, source, time_budget, group, say):
+    """The end every benchmark script shares: sweep, write results, say where, exit 3 if partial."""
+    from .results import results_stem
+    from .sweep import run_sweep, timing_for
+    from .target import visible_devices_flag
+    stem = results_stem(cfg.model_name, results_name, visible_devices_flag(target))
+    complete = run_sweep(engine, mode, cfg, target, dtype, sizes, make_runner, output_dir, stem, str(source),
+                         log=lambda m: click.echo(m, err=True), timing_kwargs=timing_for(time_budget), group=group)
+    group.shutdown()
+    if group.is_main:
+        click.echo(f"results: {stem}.txt, {stem}.json in {output_dir}")
+    if not complete:
+        say("error: the sweep was partial (some batch sizes ran out of memory)")
+        sys.exit(3)
