@@ -5,7 +5,7 @@
 #
 #   ./benchmark_compare.sh [MODEL...]        (default: vit_base_patch16_224 vit_large_patch16_384)
 #
-# Environment: OUT_DIR (default results), STEPS (default "verify ait pt compile autotune report"),
+# Environment: OUT_DIR (default results), STEPS (default "verify ait ait_bf16 pt compile autotune report"),
 # COMPILE_SIZES / AUTOTUNE_SIZES (torch.compile takes 20 s to minutes per size, so a subset).
 set -euo pipefail
 cd "$(dirname "$0")"

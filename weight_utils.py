@@ -212,7 +212,13 @@ def source_model(cfg: ViTConfig, checkpoint: Optional[str] = None, seed: int = 0
         source = Source("pretrained", f"TIMM hub weights of {cfg.model_name}")
     else:
         model = cfg.timm_model("cpu")
-        source = load_into_timm(model, checkpoint) if checkpoint else randomize_(model, seed)
+        try:
+            source = load_into_timm(model, checkpoint) if checkpoint else randomize_(model, seed)
+        except WeightError as err:
+            if cfg.variant != "timm":
+                raise WeightError(f"{err} (the {cfg.variant} variant has no class token and pools by "
+                                  f"average; TIMM's checkpoints fit --variant timm)") from None
+            raise
     return model.float().eval().requires_grad_(False), source
 
 

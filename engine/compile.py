@@ -54,7 +54,8 @@ def cache_dir(cfg: ViTConfig, batch: int, dtype: torch.dtype, root=DEFAULT_CACHE
     return Path(root) / f"{cfg.model_name}_{cfg.variant}_bs{batch}_{dt}"
 
 
-def cache_key(cfg: ViTConfig, batch: int, dtype: torch.dtype, target: Target, options: Options) -> dict:
+def cache_key(cfg: ViTConfig, batch: int, dtype: torch.dtype, target: Target, options: Options,
+              use_graph: Optional[bool] = None) -> dict:
     try:
         import triton
         triton_version = triton.__version__
@@ -64,7 +65,7 @@ def cache_key(cfg: ViTConfig, batch: int, dtype: torch.dtype, target: Target, op
         "engine": ENGINE_VERSION, "config": json.loads(cfg.to_json()), "batch": batch,
         "dtype": str(dtype), "gpu": target.name, "target": target.kind, "torch": torch.__version__,
         "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None), "triton": triton_version,
-        "options": options.key(),
+        "options": dict(options.key(), use_graph=use_graph),  # choices timed in or out of a graph differ
     }
 
 
@@ -91,6 +92,12 @@ def save_plan(directory: Path, key: dict, plan: ops.Plan, report: dict):
 
 
 # --- choosing implementations by measuring ---------------------------------------------------
+
+try:
+    from triton.errors import TritonError as _TritonError  # compile/resource errors are not RuntimeErrors
+except ImportError:  # older Triton
+    class _TritonError(Exception):
+        pass
 
 _CAPTURE_STREAMS = {}
 
@@ -128,7 +135,9 @@ def _fastest(candidates: dict, device, use_graph: bool) -> tuple:
             run = _graphed(fn, calls) if use_graph else fn
             times[name] = measure(run, device, warmup_s=0.05, min_iters=10, max_iters=200,
                                   budget_s=0.15).median_ms / calls
-        except (RuntimeError, ValueError, NotImplementedError):
+        except torch.cuda.OutOfMemoryError:
+            raise  # the batch does not fit: the sweep marks it OOM rather than caching a partial choice
+        except (RuntimeError, ValueError, NotImplementedError, _TritonError):
             continue  # a backend that does not support this shape, dtype or GPU
         finally:
             run = None
@@ -152,7 +161,8 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         "triton": lambda: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, "triton"),
     }, dev, use_graph)
     act_candidates = {"separate": lambda: ops.linear_gelu(x, blk.fc1.weight, blk.fc1.bias, cfg.act, "separate")}
-    if cfg.act == "gelu_tanh" or not options.exact_gelu:
+    # the tanh-GELU epilogue is an approximation below low-precision rounding, not below float32's
+    if cfg.act == "gelu_tanh" or (not options.exact_gelu and dtype != torch.float32):
         act_candidates["epilogue"] = lambda: ops.linear_gelu(x, blk.fc1.weight, blk.fc1.bias, cfg.act, "epilogue")
     mlp_act, t_act = _fastest(act_candidates, dev, use_graph)
     a = torch.randn(rows, cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
@@ -230,13 +240,13 @@ class CompiledEngine:
         if self._graph is not None:
             self._graph.replay()
             return self._static_out
-        return self.model(self._static_in)
+        return self.model.set_plan(self.plan)(self._static_in)  # the model may serve other batch sizes
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         self.check_input(images)
         if self._graph is None:
-            return self.model(images)
+            return self.model.set_plan(self.plan)(images)
         self._static_in.copy_(images)
         self._graph.replay()
         return self._static_out.clone()
@@ -256,7 +266,7 @@ def compile_engine(model, batch: int, target: Target, options: Options, cache_ro
         info["plan_source"] = "reference (CPU)"
     else:
         directory = cache_dir(cfg, batch, dtype, cache_root)
-        key = cache_key(cfg, batch, dtype, target, options)
+        key = cache_key(cfg, batch, dtype, target, options, use_graph)
         plan, why = load_cached_plan(directory, key)
         if plan is not None:
             info["plan_source"] = f"cached ({directory})"

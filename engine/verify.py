@@ -132,7 +132,15 @@ def run_verification(cfg, state, source_model, target, dtype, batch, options, se
     ref = reference(images).float()
     baseline = None
     if dtype != torch.float32:
-        baseline = copy.deepcopy(reference).to(dtype)(images.to(dtype)).float()
+        # plain PyTorch as it runs by default: --use-fp16-acc must not loosen its own yardstick
+        fp16_acc = getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False)
+        if fp16_acc:
+            torch.backends.cuda.matmul.allow_fp16_accumulation = False
+        try:
+            baseline = copy.deepcopy(reference).to(dtype)(images.to(dtype)).float()
+        finally:
+            if fp16_acc:
+                torch.backends.cuda.matmul.allow_fp16_accumulation = True
     report = compare(out, ref, dtype, baseline)
     if not torch.isfinite(out).all():
         where = first_nonfinite(model, images.to(dtype))

@@ -137,3 +137,28 @@ def test_scripts_end_to_end_on_a_tiny_vit(tmp_path):
         row = json.loads((tmp_path / f"{MICRO}_{stem}_benchmark_dev_-1.json").read_text())["rows"][0]
         assert row["environment"]["weights"].startswith("random") and row["environment"]["dtype"] == "float32"
         assert row["qps"] == pytest.approx(2e3 / row["latency_ms"])
+
+
+def test_plan_choice_skips_unsupported_backends_but_not_out_of_memory():
+    from engine.compile import _TritonError, _fastest
+
+    def unsupported():
+        raise _TritonError("out of resource: shared memory")
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    name, times = _fastest({"triton": unsupported, "torch": lambda: None}, torch.device("cpu"), use_graph=False)
+    assert name == "torch" and set(times) == {"torch"}
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _fastest({"a": oom, "b": lambda: None}, torch.device("cpu"), use_graph=False)
+
+
+def test_timm_checkpoint_with_the_ait_variant_says_which_variant_fits(tmp_path):
+    from safetensors.torch import save_file
+    timm_cfg = vit_config(MICRO)
+    model, _ = wu.source_model(timm_cfg, seed=1)
+    path = tmp_path / "micro.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    wu.source_model(timm_cfg, str(path))  # fits TIMM's own configuration
+    with pytest.raises(wu.WeightError, match="fit --variant timm"):
+        wu.source_model(vit_config(MICRO, "ait"), str(path))
