@@ -8,7 +8,6 @@ whose key differs, or that does not parse, is reported and rebuilt, never used.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,18 +110,25 @@ def capture_stream() -> "torch.cuda.Stream":
     return _CAPTURE_STREAMS[device]
 
 
-def _graphed(fn, calls: int = 5):
-    """Capture `calls` calls of fn in a CUDA graph: timing its replay leaves out launch overhead,
-    as the engine's own graph does."""
+def capture_graph(fn, warmups: int = 1):
+    """Warm `fn` up on the capture stream (Triton JIT and library handles stay out of the graph),
+    then capture one call of it in a CUDA graph; returns (graph, what the captured call returned)."""
     stream = capture_stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()
+        for _ in range(warmups):
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
-        for _ in range(calls):
-            fn()
+        out = fn()
+    return graph, out
+
+
+def _graphed(fn, calls: int = 5):
+    """`calls` calls of fn replayed from one graph: timing it leaves out launch overhead, as the
+    engine's own graph does."""
+    graph, _ = capture_graph(lambda: [fn() for _ in range(calls)])
     return graph.replay
 
 
@@ -222,15 +228,7 @@ class CompiledEngine:
         self._static_in = torch.randn(shape, device=dev, dtype=self.dtype)
         if not self.use_graph:
             return self
-        stream = capture_stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compile Triton kernels and create library handles outside capture
-                self.model(self._static_in)
-        torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph, stream=stream):
-            self._static_out = self.model(self._static_in)
+        self._graph, self._static_out = capture_graph(lambda: self.model(self._static_in), warmups=2)
         torch.cuda.synchronize()
         return self
 
