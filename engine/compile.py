@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +22,7 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "3"
+ENGINE_VERSION = "2"
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -190,40 +190,23 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     if dtype == torch.float32:
         return plan, report  # the Triton GEMM is for half precision (its float32 dot would be TF32)
 
-    # the residual GEMMs: torch's op (as chosen above) vs split-K Triton tiles, where they could win
+    # each GEMM with the glue around it: torch's op (after the choices above) vs Triton tile configs
     from modeling import kernels
     hidden = torch.randn(rows, cfg.mlp_hidden, device=dev, dtype=dtype, generator=gen)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    sites = {  # name: (linear, its input, the norm folded in, residual or None)
+        "qkv": (blk.qkv, x, blk.norm1, None), "proj": (blk.proj, a, None, x),
+        "fc1": (blk.fc1, x, blk.norm2, None), "fc2": (blk.fc2, hidden, None, x),
+    }
     choices = {}
-    for name, linear, inp in (("proj", blk.proj, a), ("fc2", blk.fc2, hidden)):
-        configs = [str(c) for c in kernels.gemm_candidates(rows, *linear.weight.shape, sms)]
-        if not configs:
-            continue
-        candidates = {"torch": lambda lin=linear, i=inp: lin(i, plan, residual=x)}
-        candidates.update({c: lambda c=c, lin=linear, i=inp: lin(i, plan, residual=x, impl=c) for c in configs})
+    for name, (linear, inp, norm_, res) in sites.items():
+        n_out, k_in = linear.weight.shape
+        candidates = {"torch": lambda lin=linear, i=inp, nm=norm_, r=res: lin(i, plan, residual=r, norm=nm)}
+        for config in kernels.gemm_candidates(rows, n_out, k_in, sms):
+            candidates[str(config)] = (lambda c=str(config), lin=linear, i=inp, nm=norm_, r=res:
+                                       lin(i, plan, residual=r, norm=nm, impl=c))
         choices[name], report[name] = _fastest(candidates, dev, use_graph)
-    plan = replace(plan, **choices)
-
-    # programmatic dependent launch pays off between short kernels only: timed on the whole forward
-    if use_graph and kernels.pdl_supported(dev):
-        images = torch.randn(batch, cfg.in_chans, *cfg.img_size, device=dev, dtype=dtype, generator=gen)
-        forward = {}
-        for pdl in (False, True):
-            model.set_plan(replace(plan, pdl=pdl))
-            try:
-                graph, _ = capture_graph(lambda: model(images))
-                forward[pdl] = measure(graph.replay, dev, warmup_s=0.05, min_iters=5, max_iters=200,
-                                       budget_s=0.15).median_ms
-            except (RuntimeError, _TritonError):
-                break  # not supported by this driver or Triton: launch as usual
-            finally:
-                graph = None
-            if forward[False] > 3.0:
-                break  # a long forward: launch latency is noise
-        model.set_plan(ops.Plan())
-        report["pdl"] = {str(k).lower(): v for k, v in forward.items()}
-        plan = replace(plan, pdl=min(forward, key=forward.get))
-    return plan, report
+    return ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention, **choices), report
 
 
 # --- the compiled engine ---------------------------------------------------------------------

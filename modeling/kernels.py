@@ -11,44 +11,11 @@ import triton.language as tl
 
 from .ops import GEMM_CONFIG_PATTERN
 
-# Programmatic dependent launch (Hopper and later): each of our kernels lets the next one launch
-# as soon as all its programs have started, and waits for its predecessor's writes before
-# touching memory, so launch latency overlaps the predecessor's tail. The engine turns it on for
-# a forward when measuring says it helps (Plan.pdl); it is off in the reference path and on CPU.
-_PDL = {"on": False}
-
-
-class programmatic_launch:
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        self.saved, _PDL["on"] = _PDL["on"], self.on
-
-    def __exit__(self, *exc):
-        _PDL["on"] = self.saved
-
-
-def pdl_supported(device) -> bool:
-    import os
-    if os.environ.get("TRITON_INTERPRET") == "1" or getattr(torch.version, "hip", None):
-        return False
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _launch_options(t: torch.Tensor, warps: int, stages: int) -> dict:
-    pdl = _PDL["on"] and t.is_cuda
-    return dict(num_warps=warps, num_stages=stages, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
-
 
 @triton.jit
 def _layer_norm_kernel(X, Y, W, B, S, n_rows, n_cols, stride_x, stride_y, eps,
-                       HAS_SHIFT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                       HAS_SHIFT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # ROWS rows per program, each row whole in registers: one read and one write per element.
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     col_ok = cols < n_cols
@@ -81,17 +48,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     _layer_norm_kernel[grid](
         x, out, weight, bias, shift if shift is not None else weight, n_rows, n_cols,
         x.stride(0), out.stride(0), eps, HAS_SHIFT=shift is not None, ROWS=rows, BLOCK=block,
-        **_launch_options(x, num_warps, 3))
+        num_warps=num_warps)
     return out
 
 
 @triton.jit
 def _attention_kernel(QKV, OUT, seq, heads, stride_qkv, stride_out, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+                      BLOCK_N: tl.constexpr):
     # One program per (query block, batch * head). Q, K and V are read straight out of the
     # fused (B * T, 3 * H * hd) QKV GEMM output and the result is written as (B * T, H * hd),
     # the proj GEMM's input: no layout copies on either side. Online softmax in base 2.
@@ -150,20 +114,32 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int, block_m:
     _attention_kernel[grid](
         qkv, out, seq, heads, qkv.stride(0), out.stride(0), head_dim ** -0.5 * 1.4426950408889634,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=64,
-        **_launch_options(qkv, 4 if block_m <= 64 else 8, 2))
+        num_warps=4 if block_m <= 64 else 8, num_stages=2)
     return out
 
 
-# --- GEMM with the residual add fused in -----------------------------------------------------
+# --- GEMM with the glue fused in ---------------------------------------------------------------
 #
-# x += a @ w.T (+ bias, optional GELU), w in nn.Linear's (N, K) layout, for the small-M GEMMs
-# of batch 1-8 where the output has too few tiles to fill the GPU (proj and fc2: N = the model
-# width). SPLIT_K > 1 splits the K loop over programs; the last program to finish a tile sums
-# the float32 partials in split order (deterministic) and applies the epilogue, in one launch.
+# y = epilogue(prologue(a) @ w.T) for the four GEMMs of a block, with w in nn.Linear's (N, K)
+# layout. Prologue (NORM): the LayerNorm before qkv and fc1, folded into the GEMM so the
+# normalized activations never reach memory. With z = a + shift, g, b the norm's weight/bias:
+#   LN(z) @ w.T + bias = rstd * (z*g) @ w.T - rstd * mean * colsum + (bias + w @ b),
+#   colsum[n] = sum_k g[k] w[n, k]
+# so the kernel multiplies the A tile by g on its way to the tensor cores, sums z and z^2 for
+# the row statistics in the same K loop (A spans all of K), and applies the rest in the epilogue.
+# Epilogue: + bias, GELU (erf or tanh form), + residual (C may alias R: in place).
+# SPLIT_K > 1 splits the K loop over programs for small-M shapes that give too few output
+# tiles to fill the GPU; the last program to finish a tile sums the float32 partials in split
+# order (deterministic), so one launch does it all.
 
 @triton.jit
-def _gemm_epilogue(acc, offs_m, offs_n, m_ok, n_ok, C, R, BIAS, stride_cm, stride_rm,
-                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr):
+def _gemm_epilogue(acc, s1, s2, offs_m, offs_n, m_ok, n_ok, K, eps, C, R, BIAS, COLSUM, stride_cm, stride_rm,
+                   NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr):
+    if NORM:
+        mean = s1 / K
+        rstd = tl.rsqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
+        colsum = tl.load(COLSUM + offs_n, mask=n_ok, other=0.0)
+        acc = rstd[:, None] * (acc - mean[:, None] * colsum[None, :])
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:  # GELU, erf form
@@ -178,13 +154,11 @@ def _gemm_epilogue(acc, offs_m, offs_n, m_ok, n_ok, C, R, BIAS, stride_cm, strid
 
 
 @triton.jit
-def _gemm_kernel(A, W, C, R, BIAS, WS, LOCKS, M, N, K, stride_am, stride_wn, stride_cm, stride_rm,
-                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+def _gemm_kernel(A, W, C, R, BIAS, NORM_W, SHIFT, COLSUM, WS, LOCKS,
+                 M, N, K, stride_am, stride_wn, stride_cm, stride_rm, eps,
+                 NORM: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                 HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     tiles_m = tl.cdiv(M, BM)
@@ -205,28 +179,53 @@ def _gemm_kernel(A, W, C, R, BIAS, WS, LOCKS, M, N, K, stride_am, stride_wn, str
     a_rows = A + offs_m.to(tl.int64)[:, None] * stride_am
     w_cols = W + offs_n.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # row sums of z and z^2, kept per column in the loop and reduced once after it: a reduction
+    # across the tile's K columns in every step costs shuffles that stall the tensor cores
+    z_sum = tl.zeros((BM, BK), dtype=tl.float32)
+    zz_sum = tl.zeros((BM, BK), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < k_hi
         a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_cols + offs_k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        if NORM:
+            z = a.to(tl.float32)
+            if HAS_SHIFT:
+                z += tl.load(SHIFT + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            z_sum += z
+            zz_sum += z * z
+            g = tl.load(NORM_W + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            a = (z * g[None, :]).to(A.dtype.element_ty)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    s1 = tl.sum(z_sum, axis=1)
+    s2 = tl.sum(zz_sum, axis=1)
     if SPLIT_K == 1:
-        _gemm_epilogue(acc, offs_m, offs_n, m_ok, n_ok, C, R, BIAS, stride_cm, stride_rm, HAS_BIAS, ACT, HAS_RES)
+        _gemm_epilogue(acc, s1, s2, offs_m, offs_n, m_ok, n_ok, K, eps, C, R, BIAS, COLSUM, stride_cm, stride_rm,
+                       NORM, HAS_BIAS, ACT, HAS_RES)
     else:
-        # partial tile to the workspace, then count arrivals at this tile
+        # partial tile (+ partial row sums) to the workspace, then count arrivals at this tile
+        part = BM * BN + 2 * BM
         local = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        tl.store(WS + (pid * SPLIT_K + pid_k).to(tl.int64) * (BM * BN) + local, acc)
+        slot = WS + (pid * SPLIT_K + pid_k).to(tl.int64) * part
+        tl.store(slot + local, acc)
+        if NORM:
+            tl.store(slot + BM * BN + tl.arange(0, BM), s1)
+            tl.store(slot + BM * BN + BM + tl.arange(0, BM), s2)
         tl.debug_barrier()  # every thread's partial is written before the arrival is counted
         arrived = tl.atomic_add(LOCKS + pid, 1)
         if arrived == SPLIT_K - 1:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
-            first = WS + (pid * SPLIT_K).to(tl.int64) * (BM * BN)
+            s1 = tl.zeros((BM,), dtype=tl.float32)
+            s2 = tl.zeros((BM,), dtype=tl.float32)
+            first = WS + (pid * SPLIT_K).to(tl.int64) * part
             for s in tl.static_range(SPLIT_K):
-                acc += tl.load(first + s * (BM * BN) + local, cache_modifier=".cg")
+                acc += tl.load(first + s * part + local, cache_modifier=".cg")
+                if NORM:
+                    s1 += tl.load(first + s * part + BM * BN + tl.arange(0, BM), cache_modifier=".cg")
+                    s2 += tl.load(first + s * part + BM * BN + BM + tl.arange(0, BM), cache_modifier=".cg")
             tl.atomic_xchg(LOCKS + pid, 0)  # ready for the next launch
-            _gemm_epilogue(acc, offs_m, offs_n, m_ok, n_ok, C, R, BIAS, stride_cm, stride_rm, HAS_BIAS, ACT,
-                           HAS_RES)
+            _gemm_epilogue(acc, s1, s2, offs_m, offs_n, m_ok, n_ok, K, eps, C, R, BIAS, COLSUM, stride_cm,
+                           stride_rm, NORM, HAS_BIAS, ACT, HAS_RES)
 
 
 class GemmConfig:
@@ -249,51 +248,58 @@ class GemmConfig:
 
 
 def gemm_candidates(m: int, n: int, k: int, sms: int = 132) -> list:
-    """Tile configs worth timing for an (m, n, k) GEMM, or none where cuBLAS always won in our
-    measurements (more tiles than ~2 waves of 64x64: docs/perf-notes.md). Small tiles, K split
-    until about one wave of programs."""
-    if triton.cdiv(m, 64) * triton.cdiv(n, 64) > 2 * sms:
-        return []
+    """A few tile configs worth timing for an (m, n, k) GEMM: big tiles when there are enough of
+    them to fill the GPU, otherwise smaller tiles and K split until about one wave of programs."""
+    if m * n >= 4 * sms * 128 * 256:
+        return [GemmConfig(128, 256, 64, 1, 8, 3), GemmConfig(128, 128, 64, 1, 8, 4)]
     out = []
-    for bm in (32, 64):
-        tiles = triton.cdiv(m, bm) * triton.cdiv(n, 64)
+    for bm, bn, warps in ((64, 64, 4), (64, 128, 4), (128, 128, 8)):
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
         split = 1
         while tiles * split * 2 <= sms * 1.25 and k // (split * 2) >= 256:
             split *= 2
-        out += [GemmConfig(bm, 64, 64, split, 4, 4)] + ([GemmConfig(bm, 64, 64, split // 2, 4, 4)] if split > 1 else [])
+        out.append(GemmConfig(bm, bn, 64, split, warps, 3 if bm * bn <= 64 * 128 else 4))
     return out
 
 
 _SCRATCH = {}
-_RETIRED = []  # outgrown scratch stays allocated: CUDA graphs captured earlier still point at it
 
 
 def _scratch(device, floats: int, tiles: int):
     """Split-K workspace and per-tile arrival counters, one grow-only pair per device. The
     counters reset themselves, so a CUDA graph can replay the kernel without a memset."""
     ws, locks = _SCRATCH.get(device, (None, None))
-    if ws is None or ws.numel() < floats or locks.numel() < tiles:
-        _RETIRED.append((ws, locks))
-        ws = torch.empty(max(floats, 1 << 20), device=device, dtype=torch.float32)
-        locks = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
-        _SCRATCH[device] = (ws, locks)
+    if ws is None or ws.numel() < floats:
+        ws = torch.empty(floats, device=device, dtype=torch.float32)
+    if locks is None or locks.numel() < tiles:
+        locks = torch.zeros(tiles, device=device, dtype=torch.int32)
+    _SCRATCH[device] = (ws, locks)
     return ws, locks
 
 
-def gemm(a: torch.Tensor, weight: torch.Tensor, config, bias=None, act: str = "", residual=None) -> torch.Tensor:
-    """a @ weight.T (+ bias) (-> GELU: act "gelu" erf form, "gelu_tanh") (+ residual) in one kernel;
-    with a residual the result is written into it in place."""
+def gemm(a: torch.Tensor, weight: torch.Tensor, config, bias=None, act: str = "", residual=None,
+         norm=None) -> torch.Tensor:
+    """epilogue(prologue(a) @ weight.T) in one kernel (see above).
+    norm: (norm_weight, shift or None, colsum, eps) folds a LayerNorm in; `bias` must then be the
+    folded bias + weight @ norm_bias. act: "", "gelu" (erf) or "gelu_tanh". residual: added, and
+    the result written into it in place."""
     cfg = GemmConfig.parse(config) if isinstance(config, str) else config
     assert a.dim() == 2 and a.stride(1) == 1 and weight.stride(1) == 1
     m, k = a.shape
     n = weight.shape[0]
     out = residual if residual is not None else torch.empty(m, n, device=a.device, dtype=a.dtype)
     tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
-    ws, locks = _scratch(a.device, tiles * cfg.split_k * cfg.bm * cfg.bn, tiles) if cfg.split_k > 1 else (out, out)
+    if cfg.split_k > 1:
+        ws, locks = _scratch(a.device, tiles * cfg.split_k * (cfg.bm * cfg.bn + 2 * cfg.bm), tiles)
+    else:
+        ws = locks = out
+    norm_w, shift, colsum, eps = norm if norm is not None else (out, None, out, 0.0)
     _gemm_kernel[(tiles, cfg.split_k)](
-        a, weight, out, out, bias if bias is not None else out, ws, locks,
-        m, n, k, a.stride(0), weight.stride(0), out.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, ACT={"": 0, "gelu": 1, "gelu_tanh": 2}[act], HAS_RES=residual is not None,
-        SPLIT_K=cfg.split_k, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=8,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **_launch_options(a, cfg.warps, cfg.stages))
+        a, weight, out, out, bias if bias is not None else out, norm_w,
+        shift if shift is not None else norm_w, colsum, ws, locks,
+        m, n, k, a.stride(0), weight.stride(0), out.stride(0), out.stride(0), eps,
+        NORM=norm is not None, HAS_SHIFT=shift is not None, HAS_BIAS=bias is not None,
+        ACT={"": 0, "gelu": 1, "gelu_tanh": 2}[act], HAS_RES=residual is not None, SPLIT_K=cfg.split_k,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=8, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        num_warps=cfg.warps, num_stages=cfg.stages)
     return out

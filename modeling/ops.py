@@ -23,8 +23,8 @@ NORM_IMPLS = ("torch", "triton")
 MLP_ACT_IMPLS = ("separate", "epilogue")
 RESIDUAL_IMPLS = ("add", "addmm")
 ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn", "triton")
-GEMM_SITES = ("proj", "fc2")
-# a residual GEMM runs torch's op (cuBLAS on the GPU) or kernels.gemm with this tile config
+GEMM_SITES = ("qkv", "proj", "fc1", "fc2")
+# a GEMM site runs torch's op (cuBLAS on the GPU) or kernels.gemm with this tile config
 GEMM_CONFIG_PATTERN = r"t(\d+)x(\d+)x(\d+)_k(\d+)_w(\d+)_s(\d+)"
 
 
@@ -35,10 +35,12 @@ class Plan:
     mlp_act: str = "separate"      # fc1 + GELU: two kernels, or GELU(tanh) in the cuBLASLt epilogue
     residual: str = "add"          # proj/fc2 + residual: out-of-place add, or in-place addmm
     attention: str = "auto"        # an SDPA backend ("auto": torch's choice), or our Triton kernel
-    # the residual GEMMs: torch's op as `residual` says, or a split-K Triton tile config (kernels.gemm)
+    # each of a block's GEMMs: "torch", or a Triton tile config (kernels.gemm) that fuses the glue
+    # around it: the LayerNorm before qkv/fc1, bias + GELU after fc1, the residual after proj/fc2
+    qkv: str = "torch"
     proj: str = "torch"
+    fc1: str = "torch"
     fc2: str = "torch"
-    pdl: bool = False              # our Triton kernels launched as programmatic dependents (Hopper+)
 
     def __post_init__(self):
         import re
@@ -46,8 +48,6 @@ class Plan:
                               ("residual", RESIDUAL_IMPLS), ("attention", ATTENTION_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"plan.{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
-        if not isinstance(self.pdl, bool):
-            raise ValueError(f"plan.pdl={self.pdl!r}; allowed: true, false")
         for name in GEMM_SITES:
             value = getattr(self, name)
             if value != "torch" and not re.fullmatch(GEMM_CONFIG_PATTERN, value):
@@ -124,19 +124,31 @@ def linear_gelu(x, weight, bias, act, impl="separate"):
     return linear_gelu_reference(x, weight, bias, act)
 
 
+def norm_linear_reference(x, norm_weight, norm_bias, eps, shift, weight, bias, act=""):
+    """LayerNorm(x + shift), then the linear layer (and GELU): what kernels.gemm fuses into one pass."""
+    y = F.linear(layer_norm_reference(x, norm_weight, norm_bias, eps, shift), weight, bias)
+    return gelu(y, act) if act else y
+
+
+def fold_norm(norm_weight, norm_bias, weight, bias):
+    """The two vectors kernels.gemm needs to fold a LayerNorm into the GEMM after it:
+    colsum = weight @ norm_weight and bias + weight @ norm_bias (float32)."""
+    w = weight.float()
+    folded_bias = w @ norm_bias.float()
+    if bias is not None:
+        folded_bias += bias.float()
+    return w @ norm_weight.float(), folded_bias
+
+
 def residual_linear_reference(x, a, weight):
     return x + F.linear(a, weight)
 
 
 def residual_linear(x, a, weight, impl="add"):
     """x + a @ weight.T with the bias deferred to the next shift. "addmm" accumulates into x in
-    place: the residual is the GEMM's C operand, so no separate add kernel reads it again. A tile
-    config runs kernels.gemm, also in place (split-K for the small-M GEMMs of small batches)."""
+    place: the residual is the GEMM's C operand, so no separate add kernel reads it again."""
     if impl == "addmm":
         return x.addmm_(a, weight.t())
-    if impl != "add":
-        from . import kernels
-        return kernels.gemm(a, weight, impl, residual=x)
     return residual_linear_reference(x, a, weight)
 
 
@@ -166,15 +178,6 @@ def attention(qkv, batch, heads, head_dim, impl="auto"):
     out = F.scaled_dot_product_attention(q, k, v)
     # flash and cuDNN lay the output out as (B, T, H, hd): this reshape is then a free view
     return out.transpose(1, 2).reshape(qkv.shape[0], heads * head_dim)
-
-
-def programmatic_launch(on: bool):
-    """Context manager: our Triton kernels launched as programmatic dependents (kernels.py)."""
-    import contextlib
-    if not on:
-        return contextlib.nullcontext()
-    from . import kernels
-    return kernels.programmatic_launch(True)
 
 
 def sdpa_backend(name: str):

@@ -39,7 +39,8 @@ class LayerNorm(nn.Module):
 class Linear(nn.Module):
     """y = x @ W.T (+ b), with AITemplate-style specializations:
     "" plain; "gelu" bias + GELU; "residual" x_res += a @ W.T (bias deferred to the next shift).
-    `impl` (residual GEMMs): "torch", or a Triton tile config for kernels.gemm."""
+    `impl` is "torch" or a Triton tile config (kernels.gemm), which also folds in a LayerNorm
+    given as `norm` instead of running it as its own pass."""
 
     def __init__(self, in_features: int, out_features: int, specialization: str = "", act: str = "gelu",
                  bias: bool = True):
@@ -48,12 +49,24 @@ class Linear(nn.Module):
         _buffers(self, weight=torch.zeros(out_features, in_features))
         has_bias = bias and specialization != "residual"
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
+        self.folded = None  # (colsum, bias) of the LayerNorm folded in by the Triton GEMM
 
-    def forward(self, x, plan: ops.Plan, residual=None, impl: str = "torch"):
+    def forward(self, x, plan: ops.Plan, residual=None, norm: "LayerNorm" = None, impl: str = "torch"):
+        act = self.act if self.specialization == "gelu" else ""
+        if impl != "torch":
+            from . import kernels
+            if norm is None:
+                return kernels.gemm(x, self.weight, impl, self.bias, act, residual)
+            if self.folded is None:
+                self.folded = ops.fold_norm(norm.weight, norm.bias, self.weight, self.bias)
+            colsum, bias = self.folded
+            return kernels.gemm(x, self.weight, impl, bias, act, residual, (norm.weight, norm.shift, colsum, norm.eps))
+        if norm is not None:
+            x = norm(x, plan)
         if self.specialization == "gelu":
             return ops.linear_gelu(x, self.weight, self.bias, self.act, plan.mlp_act)
         if self.specialization == "residual":
-            return ops.residual_linear(residual, x, self.weight, plan.residual if impl == "torch" else impl)
+            return ops.residual_linear(residual, x, self.weight, plan.residual)
         return ops.linear(x, self.weight, self.bias)
 
 
@@ -72,10 +85,10 @@ class Block(nn.Module):
         self.fc2 = Linear(cfg.mlp_hidden, d, "residual")
 
     def forward(self, x, batch: int, plan: ops.Plan):
-        qkv = self.qkv(self.norm1(x, plan), plan)
+        qkv = self.qkv(x, plan, norm=self.norm1, impl=plan.qkv)
         attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention)
         x = self.proj(attn, plan, residual=x, impl=plan.proj)
-        return self.fc2(self.fc1(self.norm2(x, plan), plan), plan, residual=x, impl=plan.fc2)
+        return self.fc2(self.fc1(x, plan, norm=self.norm2, impl=plan.fc1), plan, residual=x, impl=plan.fc2)
 
 
 class VisionTransformer(nn.Module):
@@ -124,7 +137,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch = images.shape[0]
-        with ops.sdpa_backend(self.plan.attention), ops.programmatic_launch(self.plan.pdl):
+        with ops.sdpa_backend(self.plan.attention):
             x = self.embed(images)
             for block in self.blocks:
                 x = block(x, batch, self.plan)
@@ -146,4 +159,7 @@ class VisionTransformer(nn.Module):
             module_name, _, attr = name.rpartition(".")
             module = self.get_submodule(module_name) if module_name else self
             module.register_buffer(attr, tensor)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.folded = None  # computed again from the new weights on first use
         return self
