@@ -179,10 +179,8 @@ def _gemm_kernel(A, W, C, R, BIAS, NORM_W, SHIFT, COLSUM, WS, LOCKS,
     a_rows = A + offs_m.to(tl.int64)[:, None] * stride_am
     w_cols = W + offs_n.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    # row sums of z and z^2, kept per column in the loop and reduced once after it: a reduction
-    # across the tile's K columns in every step costs shuffles that stall the tensor cores
-    z_sum = tl.zeros((BM, BK), dtype=tl.float32)
-    zz_sum = tl.zeros((BM, BK), dtype=tl.float32)
+    s1 = tl.zeros((BM,), dtype=tl.float32)
+    s2 = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < k_hi
@@ -192,13 +190,11 @@ def _gemm_kernel(A, W, C, R, BIAS, NORM_W, SHIFT, COLSUM, WS, LOCKS,
             z = a.to(tl.float32)
             if HAS_SHIFT:
                 z += tl.load(SHIFT + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            z_sum += z
-            zz_sum += z * z
+            s1 += tl.sum(z, axis=1)
+            s2 += tl.sum(z * z, axis=1)
             g = tl.load(NORM_W + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             a = (z * g[None, :]).to(A.dtype.element_ty)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-    s1 = tl.sum(z_sum, axis=1)
-    s2 = tl.sum(zz_sum, axis=1)
     if SPLIT_K == 1:
         _gemm_epilogue(acc, s1, s2, offs_m, offs_n, m_ok, n_ok, K, eps, C, R, BIAS, COLSUM, stride_cm, stride_rm,
                        NORM, HAS_BIAS, ACT, HAS_RES)
