@@ -22,7 +22,7 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "2"
+ENGINE_VERSION = "1"
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -186,27 +186,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     backends = [b for b in target.attention_backends if not (b == "triton" and dtype == torch.float32)]
     attention, t_attn = _fastest({b: attention_with(b) for b in backends}, dev, use_graph)
     plan = ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention)
-    report = {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn}
-    if dtype == torch.float32:
-        return plan, report  # the Triton GEMM is for half precision (its float32 dot would be TF32)
-
-    # each GEMM with the glue around it: torch's op (after the choices above) vs Triton tile configs
-    from modeling import kernels
-    hidden = torch.randn(rows, cfg.mlp_hidden, device=dev, dtype=dtype, generator=gen)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    sites = {  # name: (linear, its input, the norm folded in, residual or None)
-        "qkv": (blk.qkv, x, blk.norm1, None), "proj": (blk.proj, a, None, x),
-        "fc1": (blk.fc1, x, blk.norm2, None), "fc2": (blk.fc2, hidden, None, x),
-    }
-    choices = {}
-    for name, (linear, inp, norm_, res) in sites.items():
-        n_out, k_in = linear.weight.shape
-        candidates = {"torch": lambda lin=linear, i=inp, nm=norm_, r=res: lin(i, plan, residual=r, norm=nm)}
-        for config in kernels.gemm_candidates(rows, n_out, k_in, sms):
-            candidates[str(config)] = (lambda c=str(config), lin=linear, i=inp, nm=norm_, r=res:
-                                       lin(i, plan, residual=r, norm=nm, impl=c))
-        choices[name], report[name] = _fastest(candidates, dev, use_graph)
-    return ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention, **choices), report
+    return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn}
 
 
 # --- the compiled engine ---------------------------------------------------------------------

@@ -23,9 +23,6 @@ NORM_IMPLS = ("torch", "triton")
 MLP_ACT_IMPLS = ("separate", "epilogue")
 RESIDUAL_IMPLS = ("add", "addmm")
 ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn", "triton")
-GEMM_SITES = ("qkv", "proj", "fc1", "fc2")
-# a GEMM site runs torch's op (cuBLAS on the GPU) or kernels.gemm with this tile config
-GEMM_CONFIG_PATTERN = r"t(\d+)x(\d+)x(\d+)_k(\d+)_w(\d+)_s(\d+)"
 
 
 @dataclass(frozen=True)
@@ -35,23 +32,12 @@ class Plan:
     mlp_act: str = "separate"      # fc1 + GELU: two kernels, or GELU(tanh) in the cuBLASLt epilogue
     residual: str = "add"          # proj/fc2 + residual: out-of-place add, or in-place addmm
     attention: str = "auto"        # an SDPA backend ("auto": torch's choice), or our Triton kernel
-    # each of a block's GEMMs: "torch", or a Triton tile config (kernels.gemm) that fuses the glue
-    # around it: the LayerNorm before qkv/fc1, bias + GELU after fc1, the residual after proj/fc2
-    qkv: str = "torch"
-    proj: str = "torch"
-    fc1: str = "torch"
-    fc2: str = "torch"
 
     def __post_init__(self):
-        import re
         for name, allowed in (("norm", NORM_IMPLS), ("mlp_act", MLP_ACT_IMPLS),
                               ("residual", RESIDUAL_IMPLS), ("attention", ATTENTION_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"plan.{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
-        for name in GEMM_SITES:
-            value = getattr(self, name)
-            if value != "torch" and not re.fullmatch(GEMM_CONFIG_PATTERN, value):
-                raise ValueError(f"plan.{name}={value!r}; allowed: torch or a tile config like t64x128x64_k1_w4_s3")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -122,22 +108,6 @@ def linear_gelu(x, weight, bias, act, impl="separate"):
     if impl == "epilogue":
         return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
     return linear_gelu_reference(x, weight, bias, act)
-
-
-def norm_linear_reference(x, norm_weight, norm_bias, eps, shift, weight, bias, act=""):
-    """LayerNorm(x + shift), then the linear layer (and GELU): what kernels.gemm fuses into one pass."""
-    y = F.linear(layer_norm_reference(x, norm_weight, norm_bias, eps, shift), weight, bias)
-    return gelu(y, act) if act else y
-
-
-def fold_norm(norm_weight, norm_bias, weight, bias):
-    """The two vectors kernels.gemm needs to fold a LayerNorm into the GEMM after it:
-    colsum = weight @ norm_weight and bias + weight @ norm_bias (float32)."""
-    w = weight.float()
-    folded_bias = w @ norm_bias.float()
-    if bias is not None:
-        folded_bias += bias.float()
-    return w @ norm_weight.float(), folded_bias
 
 
 def residual_linear_reference(x, a, weight):

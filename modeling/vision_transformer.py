@@ -38,9 +38,7 @@ class LayerNorm(nn.Module):
 
 class Linear(nn.Module):
     """y = x @ W.T (+ b), with AITemplate-style specializations:
-    "" plain; "gelu" bias + GELU; "residual" x_res += a @ W.T (bias deferred to the next shift).
-    `impl` is "torch" or a Triton tile config (kernels.gemm), which also folds in a LayerNorm
-    given as `norm` instead of running it as its own pass."""
+    "" plain; "gelu" bias + GELU; "residual" x_res += a @ W.T (bias deferred to the next shift)."""
 
     def __init__(self, in_features: int, out_features: int, specialization: str = "", act: str = "gelu",
                  bias: bool = True):
@@ -49,20 +47,8 @@ class Linear(nn.Module):
         _buffers(self, weight=torch.zeros(out_features, in_features))
         has_bias = bias and specialization != "residual"
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
-        self.folded = None  # (colsum, bias) of the LayerNorm folded in by the Triton GEMM
 
-    def forward(self, x, plan: ops.Plan, residual=None, norm: "LayerNorm" = None, impl: str = "torch"):
-        act = self.act if self.specialization == "gelu" else ""
-        if impl != "torch":
-            from . import kernels
-            if norm is None:
-                return kernels.gemm(x, self.weight, impl, self.bias, act, residual)
-            if self.folded is None:
-                self.folded = ops.fold_norm(norm.weight, norm.bias, self.weight, self.bias)
-            colsum, bias = self.folded
-            return kernels.gemm(x, self.weight, impl, bias, act, residual, (norm.weight, norm.shift, colsum, norm.eps))
-        if norm is not None:
-            x = norm(x, plan)
+    def forward(self, x, plan: ops.Plan, residual=None):
         if self.specialization == "gelu":
             return ops.linear_gelu(x, self.weight, self.bias, self.act, plan.mlp_act)
         if self.specialization == "residual":
@@ -85,10 +71,9 @@ class Block(nn.Module):
         self.fc2 = Linear(cfg.mlp_hidden, d, "residual")
 
     def forward(self, x, batch: int, plan: ops.Plan):
-        qkv = self.qkv(x, plan, norm=self.norm1, impl=plan.qkv)
-        attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention)
-        x = self.proj(attn, plan, residual=x, impl=plan.proj)
-        return self.fc2(self.fc1(x, plan, norm=self.norm2, impl=plan.fc1), plan, residual=x, impl=plan.fc2)
+        qkv = self.qkv(self.norm1(x, plan), plan)
+        x = self.proj(ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention), plan, residual=x)
+        return self.fc2(self.fc1(self.norm2(x, plan), plan), plan, residual=x)
 
 
 class VisionTransformer(nn.Module):
@@ -159,7 +144,4 @@ class VisionTransformer(nn.Module):
             module_name, _, attr = name.rpartition(".")
             module = self.get_submodule(module_name) if module_name else self
             module.register_buffer(attr, tensor)
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.folded = None  # computed again from the new weights on first use
         return self

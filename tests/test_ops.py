@@ -107,9 +107,6 @@ def test_whole_engine_with_triton_norms_matches_reference_path():
     want = model(images)
     got = model.set_plan(ops.Plan(norm="triton", residual="addmm"))(images)
     assert _rel(got, want) < 1e-5
-    gemms = dict.fromkeys(ops.GEMM_SITES, "t16x32x16_k2_w4_s2")
-    got = model.set_plan(ops.Plan(norm="triton", **gemms))(images)
-    assert _rel(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("batch,seq,heads,hd,block_m", [(2, 197, 3, 64, 64), (1, 50, 2, 80, 16), (2, 17, 4, 16, 32)])
@@ -128,68 +125,3 @@ def test_attention_block_m_fills_the_gpu():
     from modeling.kernels import attention_block_m
     assert attention_block_m(256, 12, 196) == 128
     assert attention_block_m(1, 12, 196) == 16
-
-
-def _gemm_reference(a, w, bias, act, residual, norm):
-    if norm is not None:
-        g, b, shift, eps = norm
-        y = ops.norm_linear_reference(a, g, b, eps, shift, w, bias, act)
-    else:
-        y = F.linear(a, w, bias)
-        y = ops.gelu(y, act) if act else y
-    return y if residual is None else residual + y
-
-
-@pytest.mark.parametrize("m,n,k", [(37, 48, 80), (5, 200, 130)])
-@pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_gemm_with_fused_glue_matches_reference(m, n, k, split_k, dtype):
-    from modeling import kernels
-    gen = torch.Generator().manual_seed(m * n + k)
-    a = (torch.randn(m, k, generator=gen) * 2 + 0.5).to(dtype)  # a row mean the norm must remove
-    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
-    bias = torch.randn(n, generator=gen).to(dtype)
-    g, b, shift = torch.randn(k, generator=gen) * 0.5 + 1, torch.randn(k, generator=gen), torch.randn(k, generator=gen)
-    residual = torch.randn(m, n, generator=gen).to(dtype)
-    config = kernels.GemmConfig(16, 32, 16, split_k, 4, 2)
-    tol = 1e-6 if dtype == torch.float32 else 2e-3
-    cases = [  # (bias, act, residual, norm)
-        (bias, "", None, None), (bias, "gelu", None, None), (bias, "gelu_tanh", None, None),
-        (None, "", residual, None), (bias, "gelu", None, (g, b, shift, 1e-6)), (None, "", None, (g, b, None, 1e-5)),
-    ]
-    for bias_, act, res, norm in cases:
-        want = _gemm_reference(a, w, bias_, act, res, norm)
-        if norm is not None:
-            colsum, folded_bias = ops.fold_norm(norm[0], norm[1], w, bias_)
-            got = kernels.gemm(a, w, config, folded_bias, act, None, (norm[0], norm[2], colsum, norm[3]))
-        else:
-            got = kernels.gemm(a, w, config, bias_, act, None if res is None else res.clone())
-        assert got.shape == (m, n) and got.dtype == dtype
-        assert _rel(got, want) < tol, (bias_ is not None, act, res is not None, norm is not None)
-
-
-def test_triton_gemm_split_k_is_in_place_deterministic_and_resets_its_counters():
-    from modeling import kernels
-    gen = torch.Generator().manual_seed(5)
-    a, w = torch.randn(33, 96, generator=gen), torch.randn(40, 96, generator=gen)
-    x = torch.randn(33, 40, generator=gen)
-    config = kernels.GemmConfig(16, 16, 16, 3, 4, 2)
-    first = kernels.gemm(a, w, config, residual=x.clone())
-    stream = x.clone()
-    out = kernels.gemm(a, w, config, residual=stream)
-    assert out.data_ptr() == stream.data_ptr() and torch.equal(out, first)
-    assert torch.allclose(out, x + a @ w.t(), atol=1e-4)
-    _, locks = kernels._SCRATCH[a.device]
-    assert int(locks.abs().sum()) == 0
-
-
-def test_gemm_config_text_and_candidates():
-    from modeling.kernels import GemmConfig, gemm_candidates
-    assert str(GemmConfig.parse("t64x128x64_k2_w4_s3")) == "t64x128x64_k2_w4_s3"
-    with pytest.raises(ValueError, match="tile config"):
-        GemmConfig.parse("t64x128")
-    with pytest.raises(ValueError, match="plan.fc2"):
-        ops.Plan(fc2="cutlass")
-    small = gemm_candidates(197, 768, 3072)  # ViT-B/16 fc2 at batch 1: few tiles, so K is split
-    assert max(c.split_k for c in small) > 1
-    assert all(c.split_k == 1 for c in gemm_candidates(256 * 197, 2304, 768))

@@ -21,12 +21,6 @@ for step in "$@"; do
     profile) log profile
       for m in vit_base_patch16_224 vit_large_patch16_384; do for b in 1 256; do
         python3 tools/profile_engine.py $m ait $b 2>&1 | grep -v Warn; done; done;;
-    sites) log "sites: the engine at batch 1 and 256, every op's measured candidates (ms)"
-      for m in vit_base_patch16_224 vit_large_patch16_384; do for b in 1 256; do
-        python3 benchmark_ait.py --model-name $m --batch-size $b --output-dir "$OUT/sites" --time-budget 1 2>&1 | grep -E "ait ait batch|error|Error"
-        python3 -c "import json,sys; e=json.load(open(sys.argv[1])); print(json.dumps(e['plan'])); [print(' ', k, {c: round(t, 4) for c, t in v.items()}) for k, v in e['measured'].items()]" tmp/${m}_ait_bs${b}_float16/plan.json
-        python3 verification.py --model-name $m --variant ait --dtype float16 --batch-size $b 2>&1 | grep -v '^note' | tail -3
-      done; done;;
     clocks) log clocks; python3 tools/graph_vs_eager.py vit_base_patch16_224 256;;
   esac
 done
