@@ -62,7 +62,9 @@ def test_attention_on_fused_qkv_matches_reference(batch, seq, heads, head_dim, s
     got = ops.attention(qkv, batch, heads, head_dim)
     want = ops.attention_reference(qkv, batch, heads, head_dim)
     assert got.shape == (batch * seq, heads * head_dim)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    # float32 rounding of the scores grows with their size (~scale^2 * sqrt(hd)); softmax passes it on
+    logit_size = max(1.0, scale ** 2 * head_dim ** 0.5 / 4)
+    torch.testing.assert_close(got, want, atol=1e-5 * logit_size, rtol=1e-4)
 
 
 @FEW
