@@ -80,13 +80,19 @@ def write_json_atomic(path, obj):
         tmp.unlink(missing_ok=True)
 
 
+def _load_rows(path) -> list:
+    """The "rows" list of a results JSON file; raises on a missing or malformed file."""
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    if not isinstance(rows, list):
+        raise ValueError("rows is not a list")
+    return rows
+
+
 def read_json_rows(path) -> list:
     try:
-        with open(path) as f:
-            data = json.load(f)
-        rows = data.get("rows", [])
-        return rows if isinstance(rows, list) else []
-    except (OSError, ValueError, AttributeError):
+        return _load_rows(path)
+    except (OSError, ValueError, KeyError, TypeError):
         return []
 
 
@@ -94,10 +100,7 @@ def _rows_to_update(json_path: Path) -> list:
     """The rows already in `json_path`. A file there that does not parse (edited by hand, or
     damaged) is moved aside rather than overwritten, so no earlier result is lost."""
     try:
-        with open(json_path) as f:
-            rows = json.load(f)["rows"]
-        if isinstance(rows, list):
-            return rows
+        return _load_rows(json_path)
     except FileNotFoundError:
         return []
     except (ValueError, KeyError, TypeError):

@@ -109,10 +109,9 @@ def run_sweep(engine: str, mode: str, cfg, target: Target, dtype, sizes: Iterabl
 def _run_one(engine, mode, cfg, target, dtype, source, batch, make_runner, log, timing_kwargs, group) -> dict:
     """This process's row for global `batch`. In a group, every rank makes the same collective
     calls in the same order whether or not it runs out of memory (engine/distributed.py)."""
-    if target.is_gpu:
+    if target.is_gpu:  # free the previous size's engine before building this one
         gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     local = group.local_batch(batch)
     row = {"batch_size": batch, "mode": mode, "engine": engine, "devices": group.world_size,
            "model": cfg.model_name, "variant": cfg.variant}
