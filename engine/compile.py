@@ -22,7 +22,7 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"  # 2: the plan names the Triton attention tile
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -178,14 +178,23 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     }, dev, use_graph)
     qkv = torch.randn(rows, 3 * cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
 
-    def attention_with(backend):
+    def attention_with(backend, tile=""):
         def run():
             with ops.sdpa_backend(backend):
-                return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, backend)
+                return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, backend, tile)
         return run
-    backends = [b for b in target.attention_backends if not (b == "triton" and dtype == torch.float32)]
-    attention, t_attn = _fastest({b: attention_with(b) for b in backends}, dev, use_graph)
-    plan = ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention)
+    candidates = {}
+    for backend in target.attention_backends:
+        if backend != "triton":
+            candidates[backend] = attention_with(backend)
+        elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles
+            from modeling import kernels
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
+                candidates[f"triton:{tile}"] = attention_with("triton", str(tile))
+    attention, t_attn = _fastest(candidates, dev, use_graph)
+    attention, _, tile = attention.partition(":")
+    plan = ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention, attention_tile=tile)
     return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn}
 
 

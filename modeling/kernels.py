@@ -5,6 +5,8 @@ Each kernel has a plain-PyTorch reference in ops.py and a test against it on odd
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -51,44 +53,89 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 @triton.jit
-def _attention_kernel(QKV, OUT, seq, heads, stride_qkv, stride_out, qk_scale,
+def _attention_step(q, k, v, m_i, l_i, acc, qk_scale, n_ok, MASKED: tl.constexpr):
+    # one key block of the online softmax, in base 2 with the scale folded into the exponent
+    s = tl.dot(q, tl.trans(k))
+    if MASKED:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _load_rows(P, desc, b, row0, col, seq, stride, offs, offs_d, d_ok,
+               ROWS: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr):
+    # rows row0.. of image b, columns col.. of a (B * T, width) buffer, zeros past the sequence
+    if USE_TMA:
+        return desc.load([b, row0, col]).reshape(ROWS, BLOCK_D)
+    rows = row0 + offs
+    ptrs = P + (b * seq + rows)[:, None].to(tl.int64) * stride + col + offs_d[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=(rows < seq)[:, None] & d_ok[None, :], other=0.0)
+    return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _attention_kernel(QKV, OUT, q_desc, kv_desc, o_desc, seq, heads, stride_qkv, stride_out, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+                      BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     # One program per (query block, batch * head). Q, K and V are read straight out of the
     # fused (B * T, 3 * H * hd) QKV GEMM output and the result is written as (B * T, H * hd),
-    # the proj GEMM's input: no layout copies on either side. Online softmax in base 2.
+    # the proj GEMM's input: no layout copies on either side. Full key blocks run unmasked;
+    # the ragged last one (T = 196, 577, ...) is masked. With USE_TMA the tiles move by the
+    # Hopper tensor-memory accelerator through descriptors on (B, T, width) views.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
     h = bh % heads
     width = heads * HEAD_DIM
-    first_row = (b * seq).to(tl.int64)
+    q_col = h * HEAD_DIM
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = QKV + (first_row + offs_m[:, None]) * stride_qkv + h * HEAD_DIM + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m < seq)[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(QKV, q_desc, b, pid_m * BLOCK_M, q_col, seq, stride_qkv, tl.arange(0, BLOCK_M), offs_d, d_ok,
+                   BLOCK_M, BLOCK_D, USE_TMA, True)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, seq, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < seq
-        kv_rows = (first_row + offs_n) * stride_qkv + h * HEAD_DIM
-        k = tl.load(QKV + width + kv_rows[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, k) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(QKV + 2 * width + kv_rows[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
-    acc = acc / l_i[:, None]
-    o_ptrs = OUT + (first_row + offs_m[:, None]) * stride_out + h * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m < seq)[:, None] & d_ok[None, :])
+    n_full = (seq // BLOCK_N) * BLOCK_N
+    for start in range(0, n_full, BLOCK_N):
+        k = _load_rows(QKV, kv_desc, b, start, width + q_col, seq, stride_qkv, offs_n, offs_d, d_ok,
+                       BLOCK_N, BLOCK_D, USE_TMA, False)
+        v = _load_rows(QKV, kv_desc, b, start, 2 * width + q_col, seq, stride_qkv, offs_n, offs_d, d_ok,
+                       BLOCK_N, BLOCK_D, USE_TMA, False)
+        m_i, l_i, acc = _attention_step(q, k, v, m_i, l_i, acc, qk_scale, offs_n, False)
+    if n_full < seq:
+        k = _load_rows(QKV, kv_desc, b, n_full, width + q_col, seq, stride_qkv, offs_n, offs_d, d_ok,
+                       BLOCK_N, BLOCK_D, USE_TMA, True)
+        v = _load_rows(QKV, kv_desc, b, n_full, 2 * width + q_col, seq, stride_qkv, offs_n, offs_d, d_ok,
+                       BLOCK_N, BLOCK_D, USE_TMA, True)
+        m_i, l_i, acc = _attention_step(q, k, v, m_i, l_i, acc, qk_scale, n_full + offs_n < seq, True)
+    out = (acc / l_i[:, None]).to(OUT.dtype.element_ty)
+    if USE_TMA:
+        o_desc.store([b, pid_m * BLOCK_M, q_col], out.reshape(1, BLOCK_M, BLOCK_D))
+    else:
+        o_ptrs = OUT + (b * seq + offs_m[:, None]).to(tl.int64) * stride_out + q_col + offs_d[None, :]
+        tl.store(o_ptrs, out, mask=(offs_m < seq)[:, None] & d_ok[None, :])
+
+
+@dataclass(frozen=True)
+class AttentionTile:
+    """How the Triton attention kernel is launched: query rows and key rows per step, warps,
+    pipeline stages, and whether tiles move by TMA (Hopper and later, power-of-2 head dims)."""
+    block_m: int
+    block_n: int = 64
+    warps: int = 4
+    stages: int = 2
+    tma: bool = False
+
+    def __str__(self):
+        return f"m{self.block_m}n{self.block_n}w{self.warps}s{self.stages}{'tma' if self.tma else ''}"
 
 
 def attention_block_m(batch: int, heads: int, seq: int, sms: int = 132) -> int:
@@ -99,18 +146,62 @@ def attention_block_m(batch: int, heads: int, seq: int, sms: int = 132) -> int:
     return 16
 
 
-def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int, block_m: int | None = None) -> torch.Tensor:
+def default_attention_tile(batch: int, heads: int, seq: int, sms: int = 132) -> AttentionTile:
+    block_m = attention_block_m(batch, heads, seq, sms)
+    return AttentionTile(block_m, 64, 4 if block_m <= 64 else 8, 2, False)
+
+
+def tma_supported(device: torch.device, head_dim: int) -> bool:
+    """TMA needs a Hopper-class NVIDIA GPU (or the CPU interpreter) and a power-of-2 head dim."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return False
+    if device.type == "cpu":
+        return True
+    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+# The tiles that won somewhere on the H100 (tools/attention_tiles.py, docs/perf-notes.md): 64 query
+# rows with 4 warps almost everywhere, TMA loads at 576 tokens, long key steps at batch 1.
+_TILE_CANDIDATES = ("m64n64w4s3", "m64n64w4s3tma", "m64n32w4s3", "m64n32w4s3tma", "m64n128w4s2",
+                    "m128n64w8s3tma")
+
+
+def attention_tiles(batch: int, heads: int, seq: int, head_dim: int, device: torch.device,
+                    sms: int = 132) -> list:
+    """The tiles worth timing at this shape (engine/compile.py picks the fastest)."""
+    from .ops import parse_attention_tile
+    tiles = [default_attention_tile(batch, heads, seq, sms)]
+    for text in _TILE_CANDIDATES:
+        tile = parse_attention_tile(text)
+        if tile.tma and not tma_supported(device, head_dim):
+            continue
+        if tile not in tiles:
+            tiles.append(tile)
+    return tiles
+
+
+def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int,
+              tile: AttentionTile | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v for every head, from the fused QKV rows; (B * T, H * hd) out."""
     rows = qkv.shape[0]
     seq = rows // batch
     out = torch.empty(rows, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
-    if block_m is None:
+    if tile is None:
         sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 132
-        block_m = attention_block_m(batch, heads, seq, sms)
+        tile = default_attention_tile(batch, heads, seq, sms)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    grid = (triton.cdiv(seq, block_m), batch * heads)
+    q_desc = kv_desc = o_desc = qkv
+    if tile.tma:
+        assert qkv.stride(1) == 1 and block_d == head_dim, "TMA attention wants contiguous rows, power-of-2 hd"
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        view = qkv.as_strided((batch, seq, qkv.shape[1]), (seq * qkv.stride(0), qkv.stride(0), 1))
+        q_desc = TensorDescriptor.from_tensor(view, [1, tile.block_m, block_d])
+        kv_desc = TensorDescriptor.from_tensor(view, [1, tile.block_n, block_d])
+        o_desc = TensorDescriptor.from_tensor(out.view(batch, seq, -1), [1, tile.block_m, block_d])
+    grid = (triton.cdiv(seq, tile.block_m), batch * heads)
     _attention_kernel[grid](
-        qkv, out, seq, heads, qkv.stride(0), out.stride(0), head_dim ** -0.5 * 1.4426950408889634,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=64,
-        num_warps=4 if block_m <= 64 else 8, num_stages=2)
+        qkv, out, q_desc, kv_desc, o_desc, seq, heads, qkv.stride(0), out.stride(0),
+        head_dim ** -0.5 * 1.4426950408889634,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, USE_TMA=tile.tma,
+        num_warps=tile.warps, num_stages=tile.stages)
     return out

@@ -14,6 +14,7 @@ reference below computes the same math in the plain way.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+import re
 from typing import Optional
 
 import torch
@@ -32,12 +33,15 @@ class Plan:
     mlp_act: str = "separate"      # fc1 + GELU: two kernels, or GELU(tanh) in the cuBLASLt epilogue
     residual: str = "add"          # proj/fc2 + residual: out-of-place add, or in-place addmm
     attention: str = "auto"        # an SDPA backend ("auto": torch's choice), or our Triton kernel
+    attention_tile: str = ""       # the Triton kernel's launch tile, e.g. "m64n64w4s3tma" ("": by shape)
 
     def __post_init__(self):
         for name, allowed in (("norm", NORM_IMPLS), ("mlp_act", MLP_ACT_IMPLS),
                               ("residual", RESIDUAL_IMPLS), ("attention", ATTENTION_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"plan.{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+        if self.attention_tile:
+            parse_attention_tile(self.attention_tile)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +128,15 @@ def residual_linear(x, a, weight, impl="add"):
 
 # --- attention --------------------------------------------------------------------------------
 
+def parse_attention_tile(text: str):
+    """"m64n64w4s3tma" -> kernels.AttentionTile; ValueError when malformed."""
+    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?", text)
+    if not m:
+        raise ValueError(f"plan.attention_tile={text!r}; expected like m64n64w4s2 or m128n64w8s3tma")
+    from .kernels import AttentionTile
+    return AttentionTile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), bool(m[5]))
+
+
 def split_qkv(qkv: torch.Tensor, batch: int, heads: int, head_dim: int):
     """(B * T, 3 * H * hd) -> three (B, H, T, hd) strided views, no copies."""
     seq = qkv.shape[0] // batch
@@ -138,12 +151,13 @@ def attention_reference(qkv, batch, heads, head_dim):
     return out.transpose(1, 2).reshape(qkv.shape[0], heads * head_dim).to(qkv.dtype)
 
 
-def attention(qkv, batch, heads, head_dim, impl="auto"):
-    """Multi-head self-attention on the fused QKV output: our Triton kernel, or SDPA on strided
-    views with the backend chosen by the caller's `sdpa_backend` context."""
+def attention(qkv, batch, heads, head_dim, impl="auto", tile=""):
+    """Multi-head self-attention on the fused QKV output: our Triton kernel (launched with `tile`,
+    or a tile chosen by shape), or SDPA on strided views with the backend chosen by the caller's
+    `sdpa_backend` context."""
     if impl == "triton":
         from . import kernels
-        return kernels.attention(qkv, batch, heads, head_dim)
+        return kernels.attention(qkv, batch, heads, head_dim, tile=parse_attention_tile(tile) if tile else None)
     q, k, v = split_qkv(qkv, batch, heads, head_dim)
     out = F.scaled_dot_product_attention(q, k, v)
     # flash and cuDNN lay the output out as (B, T, H, hd): this reshape is then a free view

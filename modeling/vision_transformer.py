@@ -72,7 +72,7 @@ class Block(nn.Module):
 
     def forward(self, x, batch: int, plan: ops.Plan):
         qkv = self.qkv(self.norm1(x, plan), plan)
-        x = self.proj(ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention), plan, residual=x)
+        x = self.proj(ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile), plan, residual=x)
         return self.fc2(self.fc1(self.norm2(x, plan), plan), plan, residual=x)
 
 

@@ -109,16 +109,38 @@ def test_whole_engine_with_triton_norms_matches_reference_path():
     assert _rel(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("batch,seq,heads,hd,block_m", [(2, 197, 3, 64, 64), (1, 50, 2, 80, 16), (2, 17, 4, 16, 32)])
-def test_triton_attention_matches_reference(batch, seq, heads, hd, block_m):
-    from modeling import kernels
+@pytest.mark.parametrize("batch,seq,heads,hd,tile", [
+    (2, 197, 3, 64, "m64n64w4s2"),      # ragged last key block (masked), full ones unmasked
+    (1, 50, 2, 80, "m16n64w4s2"),       # head dim not a power of 2: padded columns
+    (2, 17, 4, 16, "m32n32w4s2"),       # fewer tokens than one tile
+    (2, 128, 2, 32, "m32n64w4s3tma"),   # TMA loads and stores, no ragged block
+    (3, 70, 2, 64, "m64n32w4s3tma"),    # TMA past each image's end and past the buffer's
+    (2, 33, 3, 64, ""),                 # the tile chosen by shape
+])
+def test_triton_attention_matches_reference(batch, seq, heads, hd, tile):
     g = torch.Generator().manual_seed(seq + hd)
     qkv = torch.randn(batch * seq, 3 * heads * hd, generator=g).to(torch.float16)
-    got = kernels.attention(qkv, batch, heads, hd, block_m=block_m)
+    got = ops.attention(qkv, batch, heads, hd, "triton", tile)
     want = ops.attention_reference(qkv, batch, heads, hd)
     assert got.shape == (batch * seq, heads * hd) and got.dtype == torch.float16
     assert _rel(got, want) < 2e-3
-    assert _rel(ops.attention(qkv.float(), batch, heads, hd, "triton"), want.float()) < 2e-3
+    assert _rel(ops.attention(qkv.float(), batch, heads, hd, "triton", tile), want.float()) < 2e-3
+
+
+def test_attention_tiles_parse_and_validate():
+    tile = ops.parse_attention_tile("m128n64w8s3tma")
+    assert (tile.block_m, tile.block_n, tile.warps, tile.stages, tile.tma) == (128, 64, 8, 3, True)
+    assert str(tile) == "m128n64w8s3tma"
+    assert ops.Plan(attention="triton", attention_tile="m64n32w4s2").attention_tile == "m64n32w4s2"
+    with pytest.raises(ValueError, match="attention_tile"):
+        ops.Plan(attention="triton", attention_tile="m64")
+
+
+def test_attention_tiles_offer_tma_only_where_it_works():
+    from modeling import kernels
+    cpu = torch.device("cpu")
+    assert any(t.tma for t in kernels.attention_tiles(4, 12, 196, 64, cpu))
+    assert not any(t.tma for t in kernels.attention_tiles(4, 12, 196, 80, cpu))  # hd 80: no TMA box
 
 
 def test_attention_block_m_fills_the_gpu():

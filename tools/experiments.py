@@ -40,7 +40,7 @@ for name, batches in [("vit_base_patch16_224", (1, 256)), ("vit_large_patch16_38
             for bm in (16, 32, 64):
                 from modeling import kernels
                 qkv = torch.randn(batch * cfg.seq_len, 3 * cfg.embed_dim, device="cuda", dtype=torch.float16)
-                t = measure(lambda: kernels.attention(qkv, batch, cfg.num_heads, cfg.head_dim, block_m=bm), target.device, budget_s=0.5)
+                t = measure(lambda: kernels.attention(qkv, batch, cfg.num_heads, cfg.head_dim, tile=kernels.AttentionTile(bm)), target.device, budget_s=0.5)
                 print(f"  triton attention block_m={bm}: {t}")
         if batch == 256:
             acc = compile_engine(model, batch, target, Options(fp16_acc=True), cache_root=f"{out_dir}/cache")
