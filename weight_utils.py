@@ -342,7 +342,7 @@ def load_engine_weights(path, cfg: ViTConfig, dtype: torch.dtype):
 def build_engine(cfg: ViTConfig, state: Dict[str, torch.Tensor], dtype: torch.dtype, device):
     from modeling.vision_transformer import VisionTransformer
     model = VisionTransformer(cfg).load_engine_state(cast_state(state, dtype))
-    return model.to(device).eval()
+    return model.pack_to(device).eval()
 
 
 # --- command line ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "2"  # 2: the plan names the Triton attention tile
+ENGINE_VERSION = "2"  # 2: the plan names Triton attention and GEMM tiles
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -176,6 +176,18 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         "add": lambda: ops.residual_linear(x, a, blk.proj.weight, "add"),
         "addmm": lambda: ops.residual_linear(x, a, blk.proj.weight, "addmm"),
     }, dev, use_graph)
+    # our Triton GEMM where it beats cuBLAS (qkv and fc2; it never won at proj or fc1+GELU)
+    from modeling import kernels
+    tiles = kernels.GEMM_TILE_CANDIDATES if kernels.gemm_supported(
+        dev, dtype, cfg.embed_dim, cfg.mlp_hidden, 3 * cfg.num_heads * cfg.head_dim) else ()
+    w, b = blk.qkv.weight, blk.qkv.bias
+    qkv_tile, t_qkv = _fastest({"cublas": lambda: ops.linear(x, w, b),
+                                **{t: (lambda t=t: ops.linear(x, w, b, t)) for t in tiles}}, dev, use_graph)
+    h = torch.randn(rows, cfg.mlp_hidden, device=dev, dtype=dtype, generator=gen)
+    w = blk.fc2.weight
+    fc2_tile, t_fc2 = _fastest({"cublas": lambda: ops.residual_linear(x, h, w, residual),
+                                **{t: (lambda t=t: ops.residual_linear(x, h, w, residual, t)) for t in tiles}},
+                               dev, use_graph)
     qkv = torch.randn(rows, 3 * cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
 
     def attention_with(backend, tile=""):
@@ -194,8 +206,10 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
                 candidates[f"triton:{tile}"] = attention_with("triton", str(tile))
     attention, t_attn = _fastest(candidates, dev, use_graph)
     attention, _, tile = attention.partition(":")
-    plan = ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention, attention_tile=tile)
-    return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn}
+    plan = ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention, attention_tile=tile,
+                    qkv_tile=qkv_tile.replace("cublas", ""), fc2_tile=fc2_tile.replace("cublas", ""))
+    return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn, "qkv": t_qkv,
+                  "fc2": t_fc2}
 
 
 # --- the compiled engine ---------------------------------------------------------------------

@@ -205,3 +205,119 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, USE_TMA=tile.tma,
         num_warps=tile.warps, num_stages=tile.stages)
     return out
+
+
+# --- a persistent GEMM with the glue in its epilogue ------------------------------------------
+
+@triton.jit
+def _gelu(x, EXACT: tl.constexpr):
+    if EXACT:
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    # 0.5 x (1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+    return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+
+
+@triton.jit
+def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, SPLIT_N: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACCUMULATE: tl.constexpr,
+                   FLATTEN: tl.constexpr):
+    # C = act(A @ W^T + bias), or C += A @ W^T (ACCUMULATE: the residual stream in place).
+    # One program per SM walks the output tiles (grouped by GROUP_M rows of tiles so W stays in
+    # L2); operand tiles move by TMA, and with FLATTEN the pipeliner issues the next tile's loads
+    # while this tile's epilogue runs. The epilogue is stored in SPLIT_N column slices to keep
+    # its registers and shared-memory staging small.
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    per_group = GROUP_M * n_n
+    SLICE: tl.constexpr = BLOCK_N // SPLIT_N
+    for tile in tl.range(tl.program_id(0), n_m * n_n, PROGRAMS, flatten=FLATTEN):
+        group = tile // per_group
+        first_m = group * GROUP_M
+        rows_here = min(n_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % rows_here
+        pid_n = (tile % per_group) // rows_here
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for ks in range(k_steps):
+            a = a_desc.load([off_m, ks * BLOCK_K])
+            w = w_desc.load([off_n, ks * BLOCK_K])
+            acc = tl.dot(a, w.T, acc)
+        if SPLIT_N == 1:
+            parts = (acc,)
+        else:
+            parts = tl.split(acc.reshape(BLOCK_M, 2, SLICE).permute(0, 2, 1))
+        for i in tl.static_range(SPLIT_N):
+            part = parts[i]
+            cols = off_n + i * SLICE
+            if HAS_BIAS:
+                offs = cols + tl.arange(0, SLICE)
+                part += tl.load(BIAS + offs, mask=offs < N, other=0.0).to(tl.float32)[None, :]
+            if ACT == 1:
+                part = _gelu(part, True)
+            elif ACT == 2:
+                part = _gelu(part, False)
+            if ACCUMULATE:
+                part += c_desc.load([off_m, cols]).to(tl.float32)
+            c_desc.store([off_m, cols], part.to(c_desc.dtype))
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    warps: int = 8
+    stages: int = 3
+    split_n: int = 1
+    flatten: bool = True
+    group_m: int = 8
+
+    def __str__(self):
+        return (f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.warps}s{self.stages}"
+                f"x{self.split_n}{'f' if self.flatten else ''}")
+
+
+# Tiles that beat cuBLAS somewhere on the H100 (tools/gemm_tiles.py, docs/perf-notes.md): wide
+# 128x256 tiles with a two-slice epilogue at large M, 64x128 / 128x128 at batch 1.
+GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n256k64w8s3x2", "m128n128k64w4s4x1f",
+                        "m64n128k64w4s4x1f")
+
+
+def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
+    """Our GEMM moves tiles by TMA: a Hopper-class NVIDIA GPU (or the CPU interpreter), 16-bit
+    floats, and rows whose byte strides are multiples of 16."""
+    if dtype not in (torch.float16, torch.bfloat16) or any(d % 8 for d in dims):
+        return False
+    if device.type == "cpu":
+        return True
+    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str = "",
+           out: torch.Tensor | None = None, tile: GemmTile = GemmTile()) -> torch.Tensor:
+    """act(x @ weight.T + bias) with act "" / "gelu" (erf) / "gelu_tanh"; with `out` given and no
+    bias or act, accumulates in place: out += x @ weight.T. x (M, K), weight (N, K), contiguous."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    M, K = x.shape
+    N = weight.shape[0]
+    accumulate = out is not None
+    assert not (accumulate and (bias is not None or act)), "in-place accumulation takes no bias or act"
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    a_desc = TensorDescriptor.from_tensor(x, [tile.block_m, tile.block_k])
+    w_desc = TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k])
+    c_desc = TensorDescriptor.from_tensor(out, [tile.block_m, tile.block_n // tile.split_n])
+    tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    programs = min(sms, tiles)
+    _linear_kernel[(programs,)](
+        a_desc, w_desc, c_desc, bias if bias is not None else weight, M, N, K,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
+        PROGRAMS=programs, SPLIT_N=tile.split_n, HAS_BIAS=bias is not None,
+        ACT={"": 0, "gelu": 1, "gelu_tanh": 2}[act], ACCUMULATE=accumulate, FLATTEN=tile.flatten,
+        num_warps=tile.warps, num_stages=tile.stages)
+    return out

@@ -34,6 +34,8 @@ class Plan:
     residual: str = "add"          # proj/fc2 + residual: out-of-place add, or in-place addmm
     attention: str = "auto"        # an SDPA backend ("auto": torch's choice), or our Triton kernel
     attention_tile: str = ""       # the Triton kernel's launch tile, e.g. "m64n64w4s3tma" ("": by shape)
+    qkv_tile: str = ""             # "" cuBLAS; else our persistent TMA GEMM with this tile (kernels.py)
+    fc2_tile: str = ""             # likewise for fc2, accumulating into the residual stream in place
 
     def __post_init__(self):
         for name, allowed in (("norm", NORM_IMPLS), ("mlp_act", MLP_ACT_IMPLS),
@@ -42,6 +44,9 @@ class Plan:
                 raise ValueError(f"plan.{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
         if self.attention_tile:
             parse_attention_tile(self.attention_tile)
+        for name in ("qkv_tile", "fc2_tile"):
+            if getattr(self, name):
+                parse_gemm_tile(getattr(self, name), name)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,7 +99,21 @@ def layer_norm(x, weight, bias, eps, shift=None, impl="torch"):
 
 # --- linear layers ----------------------------------------------------------------------------
 
-def linear(x, weight, bias):
+def parse_gemm_tile(text: str, what: str = "gemm tile"):
+    """"m128n256k64w8s3x2f" -> kernels.GemmTile (block m/n/k, warps, stages, epilogue slices,
+    f: flattened persistent loop); ValueError when malformed."""
+    m = re.fullmatch(r"m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)x([12])(f?)", text)
+    if not m or int(m[2]) % int(m[6]):
+        raise ValueError(f"plan.{what}={text!r}; expected like m128n256k64w8s3x2f")
+    from .kernels import GemmTile
+    return GemmTile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]), int(m[6]), bool(m[7]))
+
+
+def linear(x, weight, bias, tile=""):
+    """x @ W.T + b: cuBLAS, or with `tile` our Triton GEMM (kernels.linear)."""
+    if tile:
+        from . import kernels
+        return kernels.linear(x, weight, bias, tile=parse_gemm_tile(tile))
     return F.linear(x, weight, bias)
 
 
@@ -118,9 +137,13 @@ def residual_linear_reference(x, a, weight):
     return x + F.linear(a, weight)
 
 
-def residual_linear(x, a, weight, impl="add"):
+def residual_linear(x, a, weight, impl="add", tile=""):
     """x + a @ weight.T with the bias deferred to the next shift. "addmm" accumulates into x in
-    place: the residual is the GEMM's C operand, so no separate add kernel reads it again."""
+    place: the residual is the GEMM's C operand, so no separate add kernel reads it again.
+    A `tile` runs our Triton GEMM instead, also in place."""
+    if tile:
+        from . import kernels
+        return kernels.linear(a, weight, out=x, tile=parse_gemm_tile(tile))
     if impl == "addmm":
         return x.addmm_(a, weight.t())
     return residual_linear_reference(x, a, weight)

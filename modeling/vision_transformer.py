@@ -41,19 +41,21 @@ class Linear(nn.Module):
     "" plain; "gelu" bias + GELU; "residual" x_res += a @ W.T (bias deferred to the next shift)."""
 
     def __init__(self, in_features: int, out_features: int, specialization: str = "", act: str = "gelu",
-                 bias: bool = True):
+                 bias: bool = True, site: str = ""):
         super().__init__()
         self.specialization, self.act = specialization, act
+        self.tile_field = f"{site}_tile" if site else ""  # the plan field naming this GEMM's Triton tile
         _buffers(self, weight=torch.zeros(out_features, in_features))
         has_bias = bias and specialization != "residual"
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
 
     def forward(self, x, plan: ops.Plan, residual=None):
+        tile = getattr(plan, self.tile_field) if self.tile_field else ""
         if self.specialization == "gelu":
             return ops.linear_gelu(x, self.weight, self.bias, self.act, plan.mlp_act)
         if self.specialization == "residual":
-            return ops.residual_linear(residual, x, self.weight, plan.residual)
-        return ops.linear(x, self.weight, self.bias)
+            return ops.residual_linear(residual, x, self.weight, plan.residual, tile)
+        return ops.linear(x, self.weight, self.bias, tile)
 
 
 class Block(nn.Module):
@@ -64,15 +66,16 @@ class Block(nn.Module):
         d, a = cfg.embed_dim, cfg.num_heads * cfg.head_dim
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.norm1 = LayerNorm(d, cfg.norm_eps, shift=True)
-        self.qkv = Linear(d, 3 * a)
+        self.qkv = Linear(d, 3 * a, site="qkv")
         self.proj = Linear(a, d, "residual")
         self.norm2 = LayerNorm(d, cfg.norm_eps, shift=True)
         self.fc1 = Linear(d, cfg.mlp_hidden, "gelu", cfg.act)
-        self.fc2 = Linear(cfg.mlp_hidden, d, "residual")
+        self.fc2 = Linear(cfg.mlp_hidden, d, "residual", site="fc2")
 
     def forward(self, x, batch: int, plan: ops.Plan):
         qkv = self.qkv(self.norm1(x, plan), plan)
-        x = self.proj(ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile), plan, residual=x)
+        attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile)
+        x = self.proj(attn, plan, residual=x)
         return self.fc2(self.fc1(self.norm2(x, plan), plan), plan, residual=x)
 
 
@@ -128,6 +131,24 @@ class VisionTransformer(nn.Module):
                 x = block(x, batch, self.plan)
             pooled = self.pool(x, batch)
             return self.head(pooled, self.plan) if self.head is not None else pooled
+
+    def pack_to(self, device) -> "VisionTransformer":
+        """Move every weight to `device` inside one allocation (256-byte aligned views). Weights
+        loaded one by one leave half-used allocator segments between them, which a CUDA graph's
+        private pool cannot use: one exact block keeps the engine's reserved memory low at small
+        batch (docs/perf-notes.md, attempt 13)."""
+        owners = [(m, n, t) for m in self.modules() for n, t in m._buffers.items() if t is not None]
+        nbytes = [t.numel() * t.element_size() for _, _, t in owners]
+        starts = [0]
+        for n in nbytes:
+            starts.append(starts[-1] + -(-n // 256) * 256)
+        flat = torch.empty(starts[-1], dtype=torch.uint8)
+        for (_, _, t), start, n in zip(owners, starts, nbytes):
+            flat[start:start + n] = t.detach().contiguous().view(-1).view(torch.uint8)
+        flat = flat.to(device)
+        for (module, name, t), start, n in zip(owners, starts, nbytes):
+            module._buffers[name] = flat[start:start + n].view(t.dtype).view(t.shape)
+        return self
 
     def load_engine_state(self, state: Dict[str, torch.Tensor]) -> "VisionTransformer":
         """Load converted weights, keeping each tensor's own dtype (norm params stay float32)."""
