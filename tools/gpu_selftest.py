@@ -30,3 +30,24 @@ for dtype in (torch.float16, torch.bfloat16):
             print(f"sdpa {backend} {dtype}: err {(out - ref).abs().max():.2e}, output (B,T,H,hd) layout: {free}")
         except RuntimeError as e:
             print(f"sdpa {backend} {dtype}: unavailable ({str(e).splitlines()[0][:80]})")
+
+# our Triton GEMM (every candidate tile) and attention tiles, float16 and bfloat16, on the GPU
+from modeling import kernels  # noqa: E402
+for dtype in (torch.float16, torch.bfloat16):
+    a, w, b = (torch.randn(*s, device=dev, dtype=dtype) for s in ((197 * 3, 768), (2304, 768), (2304,)))
+    w /= 28
+    want = ops.linear(a.float(), w.float(), b.float())
+    for tile in kernels.GEMM_TILE_CANDIDATES:
+        got = ops.linear(a, w, b, tile).float()
+        stream = torch.randn(197 * 3, 2304, device=dev, dtype=dtype)
+        try:
+            acc = ops.residual_linear(stream.clone(), a, w, "add", tile).float()
+            err = f"{((acc - stream.float() - want + b.float()).norm() / want.norm()):.1e}"
+        except Exception as e:  # noqa: BLE001 (the in-place epilogue stages C in shared memory too)
+            err = type(e).__name__
+        print(f"triton gemm {tile} {dtype}: rel err {((got - want).norm() / want.norm()):.1e}, in place {err}")
+    qkv = torch.randn(3 * 577, 3 * 1024, device=dev, dtype=dtype)
+    ref = ops.attention_reference(qkv, 3, 16, 64).float()
+    for tile in kernels.attention_tiles(3, 16, 577, 64, torch.device(dev)):
+        out = ops.attention(qkv, 3, 16, 64, "triton", str(tile)).float()
+        print(f"triton attention {tile} {dtype}: rel err {((out - ref).norm() / ref.norm()):.1e}")
