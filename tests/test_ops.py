@@ -96,19 +96,6 @@ def test_plan_rejects_unknown_impl():
         ops.Plan(norm="cuda-magic")
 
 
-def test_whole_engine_with_triton_norms_matches_reference_path():
-    """The engine with the Triton LayerNorm in every norm equals the reference path."""
-    import weight_utils as wu
-    from modeling.config import vit_config
-    cfg = vit_config("vit_micro_patch8_32", class_token=True, reg_tokens=1)
-    timm_model, _ = wu.source_model(cfg, seed=3)
-    model = wu.build_engine(cfg, wu.convert(timm_model, cfg), torch.float32, "cpu")
-    images = torch.randn(2, 3, 32, 32)
-    want = model(images)
-    got = model.set_plan(ops.Plan(norm="triton", residual="addmm"))(images)
-    assert _rel(got, want) < 1e-5
-
-
 @pytest.mark.parametrize("rows,n,k,tile", [
     (197, 96, 80, "m32n32k16w4s2x1f"),   # ragged rows and K (TMA zero-fills past the edges)
     (33, 200, 48, "m32n64k32w4s2x2"),    # two epilogue slices, ragged N, nested loop
@@ -141,7 +128,13 @@ def test_gemm_tiles_parse_and_validate():
             ops.Plan(fc2_tile=bad)
 
 
-def test_whole_engine_with_every_triton_kernel_matches_reference_path():
+@pytest.mark.parametrize("plan", [
+    ops.Plan(norm="triton", residual="addmm"),
+    ops.Plan(norm="triton", residual="addmm", attention="triton", attention_tile="m16n16w4s2",
+             qkv_tile="m32n32k16w4s2x1f", fc2_tile="m32n64k32w4s2x2"),
+])
+def test_whole_engine_with_triton_kernels_matches_reference_path(plan):
+    """The engine with our Triton kernels (LayerNorm; attention and GEMMs) equals the reference path."""
     import weight_utils as wu
     from modeling.config import vit_config
     cfg = vit_config("vit_micro_patch8_32", class_token=True, reg_tokens=1)
@@ -149,8 +142,6 @@ def test_whole_engine_with_every_triton_kernel_matches_reference_path():
     model = wu.build_engine(cfg, wu.convert(timm_model, cfg), torch.float32, "cpu")
     images = torch.randn(2, 3, 32, 32)
     want = model(images)
-    plan = ops.Plan(norm="triton", residual="addmm", attention="triton", attention_tile="m16n16w4s2",
-                    qkv_tile="m32n32k16w4s2x1f", fc2_tile="m32n64k32w4s2x2")
     assert _rel(model.set_plan(plan)(images), want) < 1e-5
     # and a planted fault in one GEMM is seen
     model.blocks[1].fc2.weight[0, 0] += 1.0
