@@ -151,9 +151,18 @@ def default_attention_tile(batch: int, heads: int, seq: int, sms: int = 132) -> 
     return AttentionTile(block_m, 64, 4 if block_m <= 64 else 8, 2, False)
 
 
+def _has_tensor_descriptors() -> bool:
+    try:  # Triton 3.4 and later
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def tma_supported(device: torch.device, head_dim: int) -> bool:
-    """TMA needs a Hopper-class NVIDIA GPU (or the CPU interpreter) and a power-of-2 head dim."""
-    if head_dim < 16 or head_dim & (head_dim - 1):
+    """TMA needs a Hopper-class NVIDIA GPU (or the CPU interpreter), a Triton with tensor
+    descriptors, and a power-of-2 head dim."""
+    if head_dim < 16 or head_dim & (head_dim - 1) or not _has_tensor_descriptors():
         return False
     if device.type == "cpu":
         return True
@@ -290,7 +299,7 @@ GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n256k64
 def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
     """Our GEMM moves tiles by TMA: a Hopper-class NVIDIA GPU (or the CPU interpreter), 16-bit
     floats, and rows whose byte strides are multiples of 16."""
-    if dtype not in (torch.float16, torch.bfloat16) or any(d % 8 for d in dims):
+    if dtype not in (torch.float16, torch.bfloat16) or any(d % 8 for d in dims) or not _has_tensor_descriptors():
         return False
     if device.type == "cpu":
         return True
