@@ -200,14 +200,14 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         if backend != "triton":
             candidates[backend] = attention_with(backend)
         elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles
-            from modeling import kernels
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
                 candidates[f"triton:{tile}"] = attention_with("triton", str(tile))
     attention, t_attn = _fastest(candidates, dev, use_graph)
     attention, _, tile = attention.partition(":")
     plan = ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention, attention_tile=tile,
-                    qkv_tile=qkv_tile.replace("cublas", ""), fc2_tile=fc2_tile.replace("cublas", ""))
+                    qkv_tile=qkv_tile if qkv_tile != "cublas" else "",
+                    fc2_tile=fc2_tile if fc2_tile != "cublas" else "")
     return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn, "qkv": t_qkv,
                   "fc2": t_fc2}
 

@@ -159,14 +159,19 @@ def _has_tensor_descriptors() -> bool:
         return False
 
 
-def tma_supported(device: torch.device, head_dim: int) -> bool:
-    """TMA needs a Hopper-class NVIDIA GPU (or the CPU interpreter), a Triton with tensor
-    descriptors, and a power-of-2 head dim."""
-    if head_dim < 16 or head_dim & (head_dim - 1) or not _has_tensor_descriptors():
+def _tma_device(device: torch.device) -> bool:
+    """A Hopper-class NVIDIA GPU (or the CPU interpreter) and a Triton with tensor descriptors."""
+    if not _has_tensor_descriptors():
         return False
     if device.type == "cpu":
         return True
     return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def tma_supported(device: torch.device, head_dim: int) -> bool:
+    """TMA needs a Hopper-class NVIDIA GPU (or the CPU interpreter), a Triton with tensor
+    descriptors, and a power-of-2 head dim."""
+    return not (head_dim < 16 or head_dim & (head_dim - 1)) and _tma_device(device)
 
 
 # The tiles that won somewhere on the H100 (tools/attention_tiles.py, docs/perf-notes.md): 64 query
@@ -299,11 +304,7 @@ GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n256k64
 def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
     """Our GEMM moves tiles by TMA: a Hopper-class NVIDIA GPU (or the CPU interpreter), 16-bit
     floats, and rows whose byte strides are multiples of 16."""
-    if dtype not in (torch.float16, torch.bfloat16) or any(d % 8 for d in dims) or not _has_tensor_descriptors():
-        return False
-    if device.type == "cpu":
-        return True
-    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+    return dtype in (torch.float16, torch.bfloat16) and not any(d % 8 for d in dims) and _tma_device(device)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str = "",

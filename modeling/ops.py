@@ -13,8 +13,9 @@ reference below computes the same math in the plain way.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
 import re
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -99,6 +100,7 @@ def layer_norm(x, weight, bias, eps, shift=None, impl="torch"):
 
 # --- linear layers ----------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)  # called on every forward outside a CUDA graph
 def parse_gemm_tile(text: str, what: str = "gemm tile"):
     """"m128n256k64w8s3x2f" -> kernels.GemmTile (block m/n/k, warps, stages, epilogue slices,
     f: flattened persistent loop); ValueError when malformed."""
@@ -151,6 +153,7 @@ def residual_linear(x, a, weight, impl="add", tile=""):
 
 # --- attention --------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def parse_attention_tile(text: str):
     """"m64n64w4s3tma" -> kernels.AttentionTile; ValueError when malformed."""
     m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?", text)
