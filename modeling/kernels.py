@@ -224,11 +224,17 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int,
 # --- a persistent GEMM with the glue in its epilogue ------------------------------------------
 
 @triton.jit
-def _gelu(x, EXACT: tl.constexpr):
-    if EXACT:
+def _gelu(x, ACT: tl.constexpr):
+    # ACT 1: exact (erf). 2, 3: the tanh approximation 0.5 x (1 + tanh(u)), u = sqrt(2/pi)(x + 0.044715 x^3),
+    # as x * sigmoid(2u) (2: portable, two special-function ops), or with the GPU's one-instruction tanh
+    # (3, NVIDIA): the special-function unit is what the epilogue waits on (docs/perf-notes.md, attempt 14).
+    if ACT == 1:
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    # 0.5 x (1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
-    return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    if ACT == 2:
+        return x * tl.sigmoid(2.0 * u)
+    t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=tl.float32, is_pure=True, pack=1)
+    return 0.5 * x * (1.0 + t)
 
 
 @triton.jit
@@ -270,10 +276,8 @@ def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K,
             if HAS_BIAS:
                 offs = cols + tl.arange(0, SLICE)
                 part += tl.load(BIAS + offs, mask=offs < N, other=0.0).to(tl.float32)[None, :]
-            if ACT == 1:
-                part = _gelu(part, True)
-            elif ACT == 2:
-                part = _gelu(part, False)
+            if ACT:
+                part = _gelu(part, ACT)
             if ACCUMULATE:
                 part += c_desc.load([off_m, cols]).to(tl.float32)
             c_desc.store([off_m, cols], part.to(c_desc.dtype))
@@ -288,23 +292,27 @@ class GemmTile:
     stages: int = 3
     split_n: int = 1
     flatten: bool = True
+    per_sm: int = 1    # programs per SM: 2 lets one program's epilogue overlap the other's mainloop
     group_m: int = 8
 
     def __str__(self):
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.warps}s{self.stages}"
-                f"x{self.split_n}{'f' if self.flatten else ''}")
+                f"x{self.split_n}{'f' if self.flatten else ''}{f'o{self.per_sm}' if self.per_sm > 1 else ''}")
 
 
 # Tiles that beat cuBLAS somewhere on the H100 (tools/gemm_tiles.py, docs/perf-notes.md): wide
-# 128x256 tiles with a two-slice epilogue at large M, 64x128 / 128x128 at batch 1.
-GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n256k64w8s3x2", "m128n128k64w4s4x1f",
-                        "m64n128k64w4s4x1f")
+# 128x256 tiles with a two-slice epilogue at large M, 64x128 / 128x128 at batch 1, and two small-tile
+# programs per SM for the residual GEMMs at batch 1.
+GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n128k64w4s4x1f", "m128n128k64w8s4x1f",
+                        "m64n128k64w4s4x1f", "m64n128k64w4s3x1fo2", "m128n64k64w4s3x1fo2")
 
 
 def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
     """Our GEMM moves tiles by TMA: a Hopper-class NVIDIA GPU (or the CPU interpreter), 16-bit
     floats, and rows whose byte strides are multiples of 16."""
     return dtype in (torch.float16, torch.bfloat16) and not any(d % 8 for d in dims) and _tma_device(device)
+
+
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str = "",
@@ -323,11 +331,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     c_desc = TensorDescriptor.from_tensor(out, [tile.block_m, tile.block_n // tile.split_n])
     tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    programs = min(sms, tiles)
+    programs = min(sms * tile.per_sm, tiles)
     _linear_kernel[(programs,)](
         a_desc, w_desc, c_desc, bias if bias is not None else weight, M, N, K,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         PROGRAMS=programs, SPLIT_N=tile.split_n, HAS_BIAS=bias is not None,
-        ACT={"": 0, "gelu": 1, "gelu_tanh": 2}[act], ACCUMULATE=accumulate, FLATTEN=tile.flatten,
+        ACT={"": 0, "gelu": 1, "gelu_tanh": 3 if x.is_cuda else 2}[act], ACCUMULATE=accumulate, FLATTEN=tile.flatten,
         num_warps=tile.warps, num_stages=tile.stages)
     return out

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 NORM_IMPLS = ("torch", "triton")
-MLP_ACT_IMPLS = ("separate", "epilogue")
+MLP_ACT_IMPLS = ("separate", "epilogue", "triton", "triton_erf")
 RESIDUAL_IMPLS = ("add", "addmm")
 ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn", "triton")
 
@@ -31,12 +31,15 @@ ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn", "triton")
 class Plan:
     """Which implementation each op uses. The default is the plain-PyTorch reference."""
     norm: str = "torch"            # LayerNorm: torch's, or the Triton kernel (kernels.py)
-    mlp_act: str = "separate"      # fc1 + GELU: two kernels, or GELU(tanh) in the cuBLASLt epilogue
+    mlp_act: str = "separate"      # fc1 + GELU: two kernels; GELU(tanh) in the cuBLASLt epilogue; or in our
+                                   # GEMM's epilogue (fc1_tile), "triton" tanh, "triton_erf" exact
     residual: str = "add"          # proj/fc2 + residual: out-of-place add, or in-place addmm
     attention: str = "auto"        # an SDPA backend ("auto": torch's choice), or our Triton kernel
     attention_tile: str = ""       # the Triton kernel's launch tile, e.g. "m64n64w4s3tma" ("": by shape)
     qkv_tile: str = ""             # "" cuBLAS; else our persistent TMA GEMM with this tile (kernels.py)
-    fc2_tile: str = ""             # likewise for fc2, accumulating into the residual stream in place
+    fc1_tile: str = ""             # likewise for fc1 (with mlp_act "triton" or "triton_erf")
+    proj_tile: str = ""            # likewise for proj and fc2, accumulating into the residual stream in place
+    fc2_tile: str = ""
 
     def __post_init__(self):
         for name, allowed in (("norm", NORM_IMPLS), ("mlp_act", MLP_ACT_IMPLS),
@@ -45,9 +48,12 @@ class Plan:
                 raise ValueError(f"plan.{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
         if self.attention_tile:
             parse_attention_tile(self.attention_tile)
-        for name in ("qkv_tile", "fc2_tile"):
+        for name in ("qkv_tile", "fc1_tile", "proj_tile", "fc2_tile"):
             if getattr(self, name):
                 parse_gemm_tile(getattr(self, name), name)
+        if self.mlp_act.startswith("triton") != bool(self.fc1_tile):
+            raise ValueError(f"plan.mlp_act={self.mlp_act!r} with fc1_tile={self.fc1_tile!r}: "
+                             "a tile goes with mlp_act triton or triton_erf, and only with them")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -103,12 +109,12 @@ def layer_norm(x, weight, bias, eps, shift=None, impl="torch"):
 @functools.lru_cache(maxsize=None)  # called on every forward outside a CUDA graph
 def parse_gemm_tile(text: str, what: str = "gemm tile"):
     """"m128n256k64w8s3x2f" -> kernels.GemmTile (block m/n/k, warps, stages, epilogue slices,
-    f: flattened persistent loop); ValueError when malformed."""
-    m = re.fullmatch(r"m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)x([12])(f?)", text)
+    f: flattened persistent loop, o2: two programs per SM); ValueError when malformed."""
+    m = re.fullmatch(r"m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)x([12])(f?)(?:o([12]))?", text)
     if not m or int(m[2]) % int(m[6]):
         raise ValueError(f"plan.{what}={text!r}; expected like m128n256k64w8s3x2f")
     from .kernels import GemmTile
-    return GemmTile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]), int(m[6]), bool(m[7]))
+    return GemmTile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]), int(m[6]), bool(m[7]), int(m[8] or 1))
 
 
 def linear(x, weight, bias, tile=""):
@@ -127,11 +133,17 @@ def linear_gelu_reference(x, weight, bias, act):
     return gelu(F.linear(x, weight, bias), act)
 
 
-def linear_gelu(x, weight, bias, act, impl="separate"):
+def linear_gelu(x, weight, bias, act, impl="separate", tile=""):
     """fc1 with its bias and GELU. "epilogue" runs GELU in the cuBLASLt epilogue, which computes
-    the tanh approximation whatever `act` says (AITemplate's "fast_gelu" did the same)."""
+    the tanh approximation whatever `act` says (AITemplate's "fast_gelu" did the same); "triton"
+    runs our GEMM with `tile` and the tanh approximation in its epilogue, "triton_erf" the same
+    with the exact GELU."""
     if impl == "epilogue":
         return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    if impl in ("triton", "triton_erf"):
+        from . import kernels
+        return kernels.linear(x, weight, bias, "gelu" if impl == "triton_erf" else "gelu_tanh",
+                              tile=parse_gemm_tile(tile))
     return linear_gelu_reference(x, weight, bias, act)
 
 

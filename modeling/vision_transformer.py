@@ -52,7 +52,7 @@ class Linear(nn.Module):
     def forward(self, x, plan: ops.Plan, residual=None):
         tile = getattr(plan, self.tile_field) if self.tile_field else ""
         if self.specialization == "gelu":
-            return ops.linear_gelu(x, self.weight, self.bias, self.act, plan.mlp_act)
+            return ops.linear_gelu(x, self.weight, self.bias, self.act, plan.mlp_act, tile)
         if self.specialization == "residual":
             return ops.residual_linear(residual, x, self.weight, plan.residual, tile)
         return ops.linear(x, self.weight, self.bias, tile)
@@ -67,9 +67,9 @@ class Block(nn.Module):
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.norm1 = LayerNorm(d, cfg.norm_eps, shift=True)
         self.qkv = Linear(d, 3 * a, site="qkv")
-        self.proj = Linear(a, d, "residual")
+        self.proj = Linear(a, d, "residual", site="proj")
         self.norm2 = LayerNorm(d, cfg.norm_eps, shift=True)
-        self.fc1 = Linear(d, cfg.mlp_hidden, "gelu", cfg.act)
+        self.fc1 = Linear(d, cfg.mlp_hidden, "gelu", cfg.act, site="fc1")
         self.fc2 = Linear(cfg.mlp_hidden, d, "residual", site="fc2")
 
     def forward(self, x, batch: int, plan: ops.Plan):

@@ -110,6 +110,9 @@ def test_triton_gemm_matches_reference(rows, n, k, tile):
         from modeling import kernels
         got = kernels.linear(x, w, b, act, tile=ops.parse_gemm_tile(tile))
         assert _rel(got, ops.linear_gelu_reference(x, w, b, act)) < 1e-5
+    # the plan's fc1 paths: "triton" is the tanh approximation whatever the model's GELU, "triton_erf" exact
+    assert _rel(ops.linear_gelu(x, w, b, "gelu", "triton", tile), ops.linear_gelu_reference(x, w, b, "gelu_tanh")) < 1e-5
+    assert _rel(ops.linear_gelu(x, w, b, "gelu", "triton_erf", tile), ops.linear_gelu_reference(x, w, b, "gelu")) < 1e-5
     stream = torch.randn(rows, n, generator=g)
     want = ops.residual_linear_reference(stream, x, w)
     got = ops.residual_linear(stream, x, w, "add", tile)
@@ -122,16 +125,25 @@ def test_gemm_tiles_parse_and_validate():
     tile = ops.parse_gemm_tile("m128n256k64w8s3x2f")
     assert (tile.block_m, tile.block_n, tile.block_k, tile.warps, tile.stages, tile.split_n, tile.flatten) == \
         (128, 256, 64, 8, 3, 2, True)
-    assert str(tile) == "m128n256k64w8s3x2f"
-    for bad in ("m128n256k64", "m128n256k64w8s3x3f", "m128n255k64w8s3x2"):
+    assert str(tile) == "m128n256k64w8s3x2f" and tile.per_sm == 1
+    two = ops.parse_gemm_tile("m64n128k64w4s3x1fo2")
+    assert two.per_sm == 2 and str(two) == "m64n128k64w4s3x1fo2"
+    for bad in ("m128n256k64", "m128n256k64w8s3x3f", "m128n255k64w8s3x2", "m64n128k64w4s3x1fo3"):
         with pytest.raises(ValueError, match="fc2_tile"):
             ops.Plan(fc2_tile=bad)
+    # an fc1 tile and the fc1 path that uses it come together
+    with pytest.raises(ValueError, match="fc1_tile"):
+        ops.Plan(mlp_act="triton")
+    with pytest.raises(ValueError, match="fc1_tile"):
+        ops.Plan(mlp_act="epilogue", fc1_tile="m64n128k64w4s3x1f")
 
 
 @pytest.mark.parametrize("plan", [
     ops.Plan(norm="triton", residual="addmm"),
     ops.Plan(norm="triton", residual="addmm", attention="triton", attention_tile="m16n16w4s2",
              qkv_tile="m32n32k16w4s2x1f", fc2_tile="m32n64k32w4s2x2"),
+    ops.Plan(norm="triton", residual="addmm", mlp_act="triton_erf", fc1_tile="m32n64k32w4s2x2fo2",
+             proj_tile="m32n32k16w4s2x1fo2", qkv_tile="m32n32k16w4s2x1f"),
 ])
 def test_whole_engine_with_triton_kernels_matches_reference_path(plan):
     """The engine with our Triton kernels (LayerNorm; attention and GEMMs) equals the reference path."""

@@ -45,7 +45,10 @@ for dtype in (torch.float16, torch.bfloat16):
             err = f"{((acc - stream.float() - want + b.float()).norm() / want.norm()):.1e}"
         except Exception as e:  # noqa: BLE001 (the in-place epilogue stages C in shared memory too)
             err = type(e).__name__
-        print(f"triton gemm {tile} {dtype}: rel err {((got - want).norm() / want.norm()):.1e}, in place {err}")
+        tanh = ops.linear_gelu(a, w, b, "gelu", "triton", tile).float()  # the GPU's tanh instruction
+        want_tanh = ops.linear_gelu_reference(a.float(), w.float(), b.float(), "gelu_tanh")
+        print(f"triton gemm {tile} {dtype}: rel err {((got - want).norm() / want.norm()):.1e}, in place {err}, "
+              f"gelu(tanh) {((tanh - want_tanh).norm() / want_tanh.norm()):.1e}")
     qkv = torch.randn(3 * 577, 3 * 1024, device=dev, dtype=dtype)
     ref = ops.attention_reference(qkv, 3, 16, 64).float()
     for tile in kernels.attention_tiles(3, 16, 577, 64, torch.device(dev)):
