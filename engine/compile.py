@@ -18,6 +18,7 @@ import torch
 
 from modeling import ops
 from modeling.config import ViTConfig
+from modeling.vision_transformer import ActivationArena
 
 from . import EngineError
 from .target import Target
@@ -249,6 +250,7 @@ class CompiledEngine:
     _graph: Optional[object] = None
     _static_in: Optional[torch.Tensor] = None
     _static_out: Optional[torch.Tensor] = None
+    _arena: Optional[object] = None
 
     @property
     def input_shape(self):
@@ -272,9 +274,11 @@ class CompiledEngine:
     def capture(self):
         shape, dev = self.input_shape, self.target.device
         self._static_in = torch.randn(shape, device=dev, dtype=self.dtype)
+        # the activations live in one buffer of this engine's own, not in allocator segments
+        self._arena = ActivationArena(self.model.cfg, self.batch, self.dtype, dev)
         if not self.use_graph:
             return self
-        self._graph, self._static_out = capture_graph(lambda: self.model(self._static_in), warmups=2)
+        self._graph, self._static_out = capture_graph(lambda: self.model(self._static_in, self._arena), warmups=2)
         torch.cuda.synchronize()
         return self
 
@@ -284,13 +288,13 @@ class CompiledEngine:
         if self._graph is not None:
             self._graph.replay()
             return self._static_out
-        return self.model.set_plan(self.plan)(self._static_in)  # the model may serve other batch sizes
+        return self.model.set_plan(self.plan)(self._static_in, self._arena)  # the model may serve other batch sizes
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         self.check_input(images)
         if self._graph is None:
-            return self.model.set_plan(self.plan)(images)
+            return self.model.set_plan(self.plan)(images, self._arena)
         self._static_in.copy_(images)
         self._graph.replay()
         return self._static_out.clone()

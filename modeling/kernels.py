@@ -195,11 +195,13 @@ def attention_tiles(batch: int, heads: int, seq: int, head_dim: int, device: tor
 
 
 def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int,
-              tile: AttentionTile | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v for every head, from the fused QKV rows; (B * T, H * hd) out."""
+              tile: AttentionTile | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v for every head, from the fused QKV rows; (B * T, H * hd) out
+    (written to `out` when given: contiguous)."""
     rows = qkv.shape[0]
     seq = rows // batch
-    out = torch.empty(rows, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
+    if out is None:
+        out = torch.empty(rows, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     if tile is None:
         sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 132
         tile = default_attention_tile(batch, heads, seq, sms)
@@ -316,14 +318,15 @@ def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str = "",
-           out: torch.Tensor | None = None, tile: GemmTile = GemmTile()) -> torch.Tensor:
-    """act(x @ weight.T + bias) with act "" / "gelu" (erf) / "gelu_tanh"; with `out` given and no
-    bias or act, accumulates in place: out += x @ weight.T. x (M, K), weight (N, K), contiguous."""
+           out: torch.Tensor | None = None, accumulate: bool = False, tile: GemmTile = GemmTile()) -> torch.Tensor:
+    """act(x @ weight.T + bias) with act "" / "gelu" (erf) / "gelu_tanh", written to `out` (new if
+    None); with `accumulate` (no bias or act), out += x @ weight.T in place. x (M, K), weight (N, K),
+    out (M, N), all with contiguous rows."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     M, K = x.shape
     N = weight.shape[0]
-    accumulate = out is not None
-    assert not (accumulate and (bias is not None or act)), "in-place accumulation takes no bias or act"
+    assert not (accumulate and (out is None or bias is not None or act)), \
+        "in-place accumulation needs `out` and takes no bias or act"
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     a_desc = TensorDescriptor.from_tensor(x, [tile.block_m, tile.block_k])

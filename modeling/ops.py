@@ -10,6 +10,10 @@ the stream in place (`x += a @ W.T`, the residual as cuBLAS's C operand) with no
 no separate add kernel. The biases are summed ahead of time into a per-column `shift`
 that the next LayerNorm adds on load (weight_utils.py computes the shifts). Every
 reference below computes the same math in the plain way.
+
+`out=`, where an op takes it, says where the engine's activation arena wants the result
+(modeling/vision_transformer.py, ActivationArena). Implementations that can write there do; the
+others return a new tensor, so callers always use the returned one.
 """
 from __future__ import annotations
 
@@ -61,12 +65,15 @@ class Plan:
 
 # --- patch embedding -------------------------------------------------------------------------
 
-def patchify(images: torch.Tensor, patch_size) -> torch.Tensor:
+def patchify(images: torch.Tensor, patch_size, out=None) -> torch.Tensor:
     """(B, C, H, W) images -> (B * patches, C * ph * pw) rows, in the conv weight's (c, kh, kw) order,
     so the patch embedding is one GEMM instead of a convolution plus layout transposes."""
     b, c, h, w = images.shape
     ph, pw = patch_size
     x = images.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
+    if out is not None:
+        out.view(b, h // ph, w // pw, c, ph, pw).copy_(x)
+        return out
     return x.reshape(b * (h // ph) * (w // pw), c * ph * pw)
 
 
@@ -76,17 +83,17 @@ def patch_embed_reference(images, weight4d, bias):
 
 
 def assemble_tokens(patch_tokens: torch.Tensor, pos_patch: torch.Tensor, prefix: torch.Tensor,
-                    batch: int) -> torch.Tensor:
+                    batch: int, out=None) -> torch.Tensor:
     """Patch tokens + position table (patch bias folded in), behind the prefix tokens
     (class and register tokens, their position embedding folded in): (B * T, D)."""
     n_patch, dim = pos_patch.shape
     n_prefix = prefix.shape[0]
-    if n_prefix == 0:
-        return (patch_tokens.view(batch, n_patch, dim) + pos_patch).view(batch * n_patch, dim)
-    x = torch.empty(batch, n_prefix + n_patch, dim, device=patch_tokens.device, dtype=patch_tokens.dtype)
+    if out is None:
+        out = torch.empty(batch * (n_prefix + n_patch), dim, device=patch_tokens.device, dtype=patch_tokens.dtype)
+    x = out.view(batch, n_prefix + n_patch, dim)
     x[:, :n_prefix] = prefix
     torch.add(patch_tokens.view(batch, n_patch, dim), pos_patch, out=x[:, n_prefix:])
-    return x.view(batch * (n_prefix + n_patch), dim)
+    return out
 
 
 # --- LayerNorm --------------------------------------------------------------------------------
@@ -96,11 +103,12 @@ def layer_norm_reference(x, weight, bias, eps, shift=None):
     return F.layer_norm(x32, x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
 
 
-def layer_norm(x, weight, bias, eps, shift=None, impl="torch"):
-    """LayerNorm(x + shift) over the last dim; statistics in float32, output in x's dtype."""
+def layer_norm(x, weight, bias, eps, shift=None, impl="torch", out=None):
+    """LayerNorm(x + shift) over the last dim; statistics in float32, output in x's dtype. The
+    Triton kernel writes `out` (which may be x itself: each row is read whole before it is written)."""
     if impl == "triton":
         from . import kernels
-        return kernels.layer_norm(x, weight, bias, eps, shift)
+        return kernels.layer_norm(x, weight, bias, eps, shift, out=out)
     return layer_norm_reference(x, weight, bias, eps, shift)
 
 
@@ -117,12 +125,14 @@ def parse_gemm_tile(text: str, what: str = "gemm tile"):
     return GemmTile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]), int(m[6]), bool(m[7]), int(m[8] or 1))
 
 
-def linear(x, weight, bias, tile=""):
+def linear(x, weight, bias, tile="", out=None):
     """x @ W.T + b: cuBLAS, or with `tile` our Triton GEMM (kernels.linear)."""
     if tile:
         from . import kernels
-        return kernels.linear(x, weight, bias, tile=parse_gemm_tile(tile))
-    return F.linear(x, weight, bias)
+        return kernels.linear(x, weight, bias, out=out, tile=parse_gemm_tile(tile))
+    if out is None:
+        return F.linear(x, weight, bias)
+    return torch.mm(x, weight.t(), out=out) if bias is None else torch.addmm(bias, x, weight.t(), out=out)
 
 
 def gelu(x, act):
@@ -133,16 +143,18 @@ def linear_gelu_reference(x, weight, bias, act):
     return gelu(F.linear(x, weight, bias), act)
 
 
-def linear_gelu(x, weight, bias, act, impl="separate", tile=""):
+def linear_gelu(x, weight, bias, act, impl="separate", tile="", out=None):
     """fc1 with its bias and GELU. "epilogue" runs GELU in the cuBLASLt epilogue, which computes
     the tanh approximation whatever `act` says (AITemplate's "fast_gelu" did the same); "triton"
     runs our GEMM with `tile` and the tanh approximation in its epilogue, "triton_erf" the same
     with the exact GELU."""
     if impl == "epilogue":
-        return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+        if out is None:
+            return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+        return torch._addmm_activation(bias, x, weight.t(), use_gelu=True, out=out)
     if impl in ("triton", "triton_erf"):
         from . import kernels
-        return kernels.linear(x, weight, bias, "gelu" if impl == "triton_erf" else "gelu_tanh",
+        return kernels.linear(x, weight, bias, "gelu" if impl == "triton_erf" else "gelu_tanh", out=out,
                               tile=parse_gemm_tile(tile))
     return linear_gelu_reference(x, weight, bias, act)
 
@@ -157,7 +169,7 @@ def residual_linear(x, a, weight, impl="add", tile=""):
     A `tile` runs our Triton GEMM instead, also in place."""
     if tile:
         from . import kernels
-        return kernels.linear(a, weight, out=x, tile=parse_gemm_tile(tile))
+        return kernels.linear(a, weight, out=x, accumulate=True, tile=parse_gemm_tile(tile))
     if impl == "addmm":
         return x.addmm_(a, weight.t())
     return residual_linear_reference(x, a, weight)
@@ -189,13 +201,14 @@ def attention_reference(qkv, batch, heads, head_dim):
     return out.transpose(1, 2).reshape(qkv.shape[0], heads * head_dim).to(qkv.dtype)
 
 
-def attention(qkv, batch, heads, head_dim, impl="auto", tile=""):
+def attention(qkv, batch, heads, head_dim, impl="auto", tile="", out=None):
     """Multi-head self-attention on the fused QKV output: our Triton kernel (launched with `tile`,
     or a tile chosen by shape), or SDPA on strided views with the backend chosen by the caller's
     `sdpa_backend` context."""
     if impl == "triton":
         from . import kernels
-        return kernels.attention(qkv, batch, heads, head_dim, tile=parse_attention_tile(tile) if tile else None)
+        return kernels.attention(qkv, batch, heads, head_dim, tile=parse_attention_tile(tile) if tile else None,
+                                 out=out)
     q, k, v = split_qkv(qkv, batch, heads, head_dim)
     out = F.scaled_dot_product_attention(q, k, v)
     # flash and cuDNN lay the output out as (B, T, H, hd): this reshape is then a free view

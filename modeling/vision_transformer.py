@@ -32,8 +32,8 @@ class LayerNorm(nn.Module):
         _buffers(self, weight=torch.ones(dim), bias=torch.zeros(dim))
         self.register_buffer("shift", torch.zeros(dim) if shift else None)
 
-    def forward(self, x, plan: ops.Plan):
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.shift, plan.norm)
+    def forward(self, x, plan: ops.Plan, out=None):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.shift, plan.norm, out=out)
 
 
 class Linear(nn.Module):
@@ -49,13 +49,13 @@ class Linear(nn.Module):
         has_bias = bias and specialization != "residual"
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
 
-    def forward(self, x, plan: ops.Plan, residual=None):
+    def forward(self, x, plan: ops.Plan, residual=None, out=None):
         tile = getattr(plan, self.tile_field) if self.tile_field else ""
         if self.specialization == "gelu":
-            return ops.linear_gelu(x, self.weight, self.bias, self.act, plan.mlp_act, tile)
+            return ops.linear_gelu(x, self.weight, self.bias, self.act, plan.mlp_act, tile, out=out)
         if self.specialization == "residual":
             return ops.residual_linear(residual, x, self.weight, plan.residual, tile)
-        return ops.linear(x, self.weight, self.bias, tile)
+        return ops.linear(x, self.weight, self.bias, tile, out=out)
 
 
 class Block(nn.Module):
@@ -72,11 +72,52 @@ class Block(nn.Module):
         self.fc1 = Linear(d, cfg.mlp_hidden, "gelu", cfg.act, site="fc1")
         self.fc2 = Linear(cfg.mlp_hidden, d, "residual", site="fc2")
 
-    def forward(self, x, batch: int, plan: ops.Plan):
-        qkv = self.qkv(self.norm1(x, plan), plan)
-        attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile)
+    def forward(self, x, batch: int, plan: ops.Plan, arena: "ActivationArena | None" = None):
+        d, inner = x.shape[1], self.heads * self.head_dim
+        normed = self.norm1(x, plan, out=_slot(arena, "narrow", d))
+        qkv = self.qkv(normed, plan, out=_slot(arena, "wide", 3 * inner))
+        attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile,
+                             out=_slot(arena, "narrow", inner))
         x = self.proj(attn, plan, residual=x)
-        return self.fc2(self.fc1(self.norm2(x, plan), plan), plan, residual=x)
+        normed = self.norm2(x, plan, out=_slot(arena, "narrow", d))
+        hidden = self.fc1(normed, plan, out=_slot(arena, "wide", self.fc1.weight.shape[0]))
+        return self.fc2(hidden, plan, residual=x)
+
+
+class ActivationArena:
+    """The forward's activations for one batch size in one allocation (AITemplate's memory
+    planning, done by hand). Three slots serve every op: `x`, the residual stream; `narrow`, the
+    (tokens, dim) outputs (LayerNorm, attention, patch embedding); `wide`, the QKV and fc1 outputs
+    and the patchified images. Each op writes to a slot whose contents are dead by then, so a
+    CUDA graph captured with an arena takes no allocator segments for activations: a graph's
+    private pool gives each 1-10 MiB tensor a 20 MiB segment (docs/perf-notes.md, attempt 15).
+    One arena per compiled engine: two engines sharing one would race on concurrent streams."""
+
+    def __init__(self, cfg: ViTConfig, batch: int, dtype: torch.dtype, device):
+        self.rows = batch * cfg.seq_len
+        inner = cfg.num_heads * cfg.head_dim
+        self.dtype = dtype
+        esize = torch.empty((), dtype=dtype).element_size()
+        sizes = {"x": self.rows * cfg.embed_dim, "narrow": self.rows * max(cfg.embed_dim, inner),
+                 "wide": max(self.rows * max(3 * inner, cfg.mlp_hidden), batch * cfg.num_patches * cfg.patch_dim)}
+        self.offsets, total = {}, 0
+        for name, n in sizes.items():
+            self.offsets[name] = total
+            total += -(-n * esize // 256) * 256
+        # the caching allocator serves a 1-10 MiB request from a 20 MiB segment, 10 MiB and up exactly
+        if 2**20 < total < 10 * 2**20:
+            total = 10 * 2**20
+        self.buffer = torch.empty(total, dtype=torch.uint8, device=device)
+
+    def take(self, slot: str, cols: int, rows: int | None = None) -> torch.Tensor:
+        """A (rows, cols) view of one slot (rows: every token of the batch unless given)."""
+        rows = rows or self.rows
+        return self.buffer[self.offsets[slot]:].view(self.dtype)[:rows * cols].view(rows, cols)
+
+
+def _slot(arena: ActivationArena | None, slot: str, cols: int, rows: int | None = None):
+    """Where the arena wants an op's output; None (a fresh tensor) without an arena."""
+    return None if arena is None else arena.take(slot, cols, rows)
 
 
 class VisionTransformer(nn.Module):
@@ -101,20 +142,23 @@ class VisionTransformer(nn.Module):
         self.plan = plan
         return self
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        tokens = self.patch_embed(ops.patchify(images, cfg.patch_size), self.plan)
-        x = ops.assemble_tokens(tokens, self.pos_patch, self.prefix, images.shape[0])
+    def embed(self, images: torch.Tensor, arena: ActivationArena | None = None) -> torch.Tensor:
+        cfg, d = self.cfg, self.cfg.embed_dim
+        patch_rows = images.shape[0] * cfg.num_patches
+        patches = ops.patchify(images, cfg.patch_size, out=_slot(arena, "wide", cfg.patch_dim, patch_rows))
+        tokens = self.patch_embed(patches, self.plan, out=_slot(arena, "narrow", d, patch_rows))
+        x = ops.assemble_tokens(tokens, self.pos_patch, self.prefix, images.shape[0], out=_slot(arena, "x", d))
         if self.norm_pre is not None:
-            x = self.norm_pre(x, self.plan)
+            x = self.norm_pre(x, self.plan, out=x if arena is not None else None)  # in place in the arena
         return x
 
-    def pool(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+    def pool(self, x: torch.Tensor, batch: int, arena: ActivationArena | None = None) -> torch.Tensor:
         cfg, plan = self.cfg, self.plan
         tokens = x.view(batch, cfg.seq_len, cfg.embed_dim)
         if cfg.final_norm and cfg.global_pool != "token":
             # a per-token norm before a reduction: normalize every token, then pool
-            normed = ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, self.final_shift, plan.norm)
+            normed = ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, self.final_shift, plan.norm,
+                                    out=_slot(arena, "narrow", cfg.embed_dim))
             return ops.pool_tokens(normed.view_as(tokens), cfg.global_pool, cfg.num_prefix_tokens,
                                    cfg.pool_include_prefix)
         pooled = ops.pool_tokens(tokens, cfg.global_pool, cfg.num_prefix_tokens, cfg.pool_include_prefix)
@@ -123,13 +167,17 @@ class VisionTransformer(nn.Module):
                                   plan.norm)
         return pooled + self.final_shift.to(pooled.dtype)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, arena: ActivationArena | None = None) -> torch.Tensor:
+        """Logits (or pooled features) of a batch; with an `arena` (made for this batch size, dtype
+        and device) the activations live in it instead of fresh allocations."""
         batch = images.shape[0]
+        if arena is not None and arena.rows != batch * self.cfg.seq_len:
+            raise ValueError(f"the activation arena was made for {arena.rows // self.cfg.seq_len} images, given {batch}")
         with ops.sdpa_backend(self.plan.attention):
-            x = self.embed(images)
+            x = self.embed(images, arena)
             for block in self.blocks:
-                x = block(x, batch, self.plan)
-            pooled = self.pool(x, batch)
+                x = block(x, batch, self.plan, arena)
+            pooled = self.pool(x, batch, arena)
             return self.head(pooled, self.plan) if self.head is not None else pooled
 
     def pack_to(self, device) -> "VisionTransformer":

@@ -160,6 +160,34 @@ def test_whole_engine_with_triton_kernels_matches_reference_path(plan):
     assert _rel(model(images), want) > 1e-4
 
 
+@pytest.mark.parametrize("feature", [dict(class_token=True, reg_tokens=1),
+                                     dict(pre_norm=True, class_token=False, global_pool="avg"),
+                                     dict(global_pool="avg", fc_norm=False, patch_size=4, img_size=(24, 40), in_chans=1)])
+def test_activation_arena_holds_the_activations(feature):
+    """With an arena the forward writes its activations there: the same logits, the residual stream
+    ends in the arena's x slot, and nothing is read before it is written (a NaN-filled arena
+    changes nothing)."""
+    import weight_utils as wu
+    from modeling.config import vit_config
+    from modeling.vision_transformer import ActivationArena
+    cfg = vit_config("vit_micro_patch8_32", **feature)
+    model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=6)[0], cfg), torch.float32, "cpu")
+    model.set_plan(ops.Plan(norm="triton", residual="addmm", attention="triton", attention_tile="m16n16w4s2",
+                            qkv_tile="m32n32k16w4s2x1f", mlp_act="triton_erf", fc1_tile="m32n32k16w4s2x1f",
+                            fc2_tile="m32n32k16w4s2x1f"))
+    images = torch.randn(2, cfg.in_chans, *cfg.img_size)
+    want = model(images)
+    arena = ActivationArena(cfg, 2, torch.float32, "cpu")
+    arena.buffer.fill_(255)  # every float32 in it is NaN
+    assert _rel(model(images, arena), want) < 1e-6
+    stream = model.embed(images)
+    for block in model.blocks:
+        stream = block(stream, 2, model.plan)
+    assert _rel(arena.take("x", cfg.embed_dim), stream) < 1e-6
+    with pytest.raises(ValueError, match="made for 2 images, given 3"):
+        model(torch.randn(3, cfg.in_chans, *cfg.img_size), arena)
+
+
 def test_engine_weights_live_in_one_allocation():
     import weight_utils as wu
     from modeling.config import vit_config

@@ -68,9 +68,9 @@ for name, batch in shapes:
             try:
                 if acc:
                     out = stream.clone()
-                    kernels.linear(a, w, out=out, tile=tile)
+                    kernels.linear(a, w, out=out, accumulate=True, tile=tile)
                     err = ((out.float() - want).abs().max() / want.abs().max()).item()
-                    fn = lambda a=a, w=w, o=out, t=tile: kernels.linear(a, w, out=o, tile=t)  # noqa: E731
+                    fn = lambda a=a, w=w, o=out, t=tile: kernels.linear(a, w, out=o, accumulate=True, tile=t)  # noqa: E731
                 else:
                     err = ((kernels.linear(a, w, b, act, tile=tile).float() - want).abs().max()
                            / want.abs().max()).item()

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Peak memory of the engine beside eager at small batches, under the default caching allocator and
-# with expandable segments, each in its own process. Usage: tools/memory_check.sh MODEL BATCH...
+# with expandable segments (CONFS), each in its own process. Usage: tools/memory_check.sh MODEL BATCH...
 set -u
 model=$1; shift
 OUT="${OUT:-out}"
-for conf in default expandable_segments:True; do
+for conf in ${CONFS:-default expandable_segments:True}; do
   for b in "$@"; do
     for script in benchmark_ait.py benchmark_pt.py; do
       dir="$OUT/mem/$conf/$b"; mkdir -p "$dir"
@@ -15,7 +15,7 @@ for conf in default expandable_segments:True; do
 done
 python3 - "$OUT/mem" <<'PY'
 import json, pathlib, sys
-for f in sorted(pathlib.Path(sys.argv[1]).glob("*/*/*.json")):
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*/*/*.json"), key=lambda f: (f.parent.parent.name, int(f.parent.name), f.name)):
     for r in json.loads(f.read_text())["rows"]:
         print(f.parent.parent.name, r["batch_size"], r["engine"], "reserved", r.get("peak_mem_mb"), "alloc", r.get("peak_alloc_mb"), "ms", r.get("latency_ms"))
 PY
