@@ -274,7 +274,11 @@ class CompiledEngine:
     def capture(self):
         shape, dev = self.input_shape, self.target.device
         self._static_in = torch.randn(shape, device=dev, dtype=self.dtype)
-        # the activations live in one buffer of this engine's own, not in allocator segments
+        # the activations live in one buffer of this engine's own, not in allocator segments; cached
+        # blocks (the plan's timing scratch) go back first, or the arena would be carved out of one
+        # and pin its whole segment
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         self._arena = ActivationArena(self.model.cfg, self.batch, self.dtype, dev)
         if not self.use_graph:
             return self
