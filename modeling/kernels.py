@@ -80,71 +80,48 @@ def _load_rows(P, desc, b, row0, col, seq, stride, offs, offs_d, d_ok,
 
 
 @triton.jit
-def _attention_rows(QKV, OUT, q_desc, kv_desc, kv_tail_desc, o_desc, b, h, row0, seq, heads, stride_qkv,
-                    stride_out, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, USE_TMA: tl.constexpr):
-    # query rows row0 .. row0 + ROWS of image b, head h, against every key
+def _attention_kernel(QKV, OUT, q_desc, kv_desc, o_desc, seq, heads, stride_qkv, stride_out, qk_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+    # One program per (query block, batch * head). Q, K and V are read straight out of the
+    # fused (B * T, 3 * H * hd) QKV GEMM output and the result is written as (B * T, H * hd),
+    # the proj GEMM's input: no layout copies on either side. Full key blocks run unmasked;
+    # the ragged last one (T = 196, 577, ...) is masked. With USE_TMA the tiles move by the
+    # Hopper tensor-memory accelerator through descriptors on (B, T, width) views.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
     width = heads * HEAD_DIM
     q_col = h * HEAD_DIM
-    offs_m = row0 + tl.arange(0, ROWS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = _load_rows(QKV, q_desc, b, row0, q_col, seq, stride_qkv, tl.arange(0, ROWS), offs_d, d_ok,
-                   ROWS, BLOCK_D, USE_TMA, True)
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    q = _load_rows(QKV, q_desc, b, pid_m * BLOCK_M, q_col, seq, stride_qkv, tl.arange(0, BLOCK_M), offs_d, d_ok,
+                   BLOCK_M, BLOCK_D, USE_TMA, True)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_full = (seq // BLOCK_N) * BLOCK_N
-    offs_n = tl.arange(0, BLOCK_N)
     for start in range(0, n_full, BLOCK_N):
         k = _load_rows(QKV, kv_desc, b, start, width + q_col, seq, stride_qkv, offs_n, offs_d, d_ok,
                        BLOCK_N, BLOCK_D, USE_TMA, False)
         v = _load_rows(QKV, kv_desc, b, start, 2 * width + q_col, seq, stride_qkv, offs_n, offs_d, d_ok,
                        BLOCK_N, BLOCK_D, USE_TMA, False)
         m_i, l_i, acc = _attention_step(q, k, v, m_i, l_i, acc, qk_scale, offs_n, False)
-    if n_full < seq:  # the ragged last keys, in a step only as wide as they need (TAIL_N)
-        offs_t = tl.arange(0, TAIL_N)
-        k = _load_rows(QKV, kv_tail_desc, b, n_full, width + q_col, seq, stride_qkv, offs_t, offs_d, d_ok,
-                       TAIL_N, BLOCK_D, USE_TMA, True)
-        v = _load_rows(QKV, kv_tail_desc, b, n_full, 2 * width + q_col, seq, stride_qkv, offs_t, offs_d, d_ok,
-                       TAIL_N, BLOCK_D, USE_TMA, True)
-        m_i, l_i, acc = _attention_step(q, k, v, m_i, l_i, acc, qk_scale, n_full + offs_t < seq, True)
+    if n_full < seq:
+        k = _load_rows(QKV, kv_desc, b, n_full, width + q_col, seq, stride_qkv, offs_n, offs_d, d_ok,
+                       BLOCK_N, BLOCK_D, USE_TMA, True)
+        v = _load_rows(QKV, kv_desc, b, n_full, 2 * width + q_col, seq, stride_qkv, offs_n, offs_d, d_ok,
+                       BLOCK_N, BLOCK_D, USE_TMA, True)
+        m_i, l_i, acc = _attention_step(q, k, v, m_i, l_i, acc, qk_scale, n_full + offs_n < seq, True)
     out = (acc / l_i[:, None]).to(OUT.dtype.element_ty)
     if USE_TMA:
-        o_desc.store([b, row0, q_col], out.reshape(1, ROWS, BLOCK_D))
+        o_desc.store([b, pid_m * BLOCK_M, q_col], out.reshape(1, BLOCK_M, BLOCK_D))
     else:
         o_ptrs = OUT + (b * seq + offs_m[:, None]).to(tl.int64) * stride_out + q_col + offs_d[None, :]
         tl.store(o_ptrs, out, mask=(offs_m < seq)[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _attention_kernel(QKV, OUT, q_desc, q_tail_desc, kv_desc, kv_tail_desc, o_desc, o_tail_desc, seq, heads,
-                      stride_qkv, stride_out, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-                      USE_TMA: tl.constexpr):
-    # One program per (query block, batch * head). Q, K and V are read straight out of the
-    # fused (B * T, 3 * H * hd) QKV GEMM output and the result is written as (B * T, H * hd),
-    # the proj GEMM's input: no layout copies on either side. Full blocks run unmasked; the
-    # ragged ends of T (196 = 3 * 64 + 4, 577 = 9 * 64 + 1) run as small tiles (TAIL_M query rows,
-    # TAIL_N keys) instead of mostly-masked full ones. With USE_TMA the tiles move by the Hopper
-    # tensor-memory accelerator through descriptors on (B, T, width) views.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
-    if (pid_m + 1) * BLOCK_M <= seq:
-        _attention_rows(QKV, OUT, q_desc, kv_desc, kv_tail_desc, o_desc, b, h, pid_m * BLOCK_M, seq, heads,
-                        stride_qkv, stride_out, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, USE_TMA)
-    else:
-        _attention_rows(QKV, OUT, q_tail_desc, kv_desc, kv_tail_desc, o_tail_desc, b, h, pid_m * BLOCK_M, seq,
-                        heads, stride_qkv, stride_out, qk_scale, HEAD_DIM, BLOCK_D, TAIL_M, BLOCK_N, TAIL_N,
-                        USE_TMA)
-
-
-def _tail(n: int, block: int) -> int:
-    """The tile for the last n % block rows: a power of 2 from 16 up, at most the full block."""
-    rest = n % block
-    return block if rest == 0 else min(block, max(16, triton.next_power_of_2(rest)))
 
 
 @dataclass(frozen=True)
@@ -229,22 +206,20 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int,
         sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 132
         tile = default_attention_tile(batch, heads, seq, sms)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    tail_m, tail_n = _tail(seq, tile.block_m), _tail(seq, tile.block_n)
-    q_desc = q_tail_desc = kv_desc = kv_tail_desc = o_desc = o_tail_desc = qkv
+    q_desc = kv_desc = o_desc = qkv
     if tile.tma:
         assert qkv.stride(1) == 1 and block_d == head_dim, "TMA attention wants contiguous rows, power-of-2 hd"
         from triton.tools.tensor_descriptor import TensorDescriptor
         view = qkv.as_strided((batch, seq, qkv.shape[1]), (seq * qkv.stride(0), qkv.stride(0), 1))
-        q_desc, q_tail_desc, kv_desc, kv_tail_desc = (TensorDescriptor.from_tensor(view, [1, rows_, block_d])
-                                                      for rows_ in (tile.block_m, tail_m, tile.block_n, tail_n))
-        o_desc, o_tail_desc = (TensorDescriptor.from_tensor(out.view(batch, seq, -1), [1, rows_, block_d])
-                               for rows_ in (tile.block_m, tail_m))
+        q_desc = TensorDescriptor.from_tensor(view, [1, tile.block_m, block_d])
+        kv_desc = TensorDescriptor.from_tensor(view, [1, tile.block_n, block_d])
+        o_desc = TensorDescriptor.from_tensor(out.view(batch, seq, -1), [1, tile.block_m, block_d])
     grid = (triton.cdiv(seq, tile.block_m), batch * heads)
     _attention_kernel[grid](
-        qkv, out, q_desc, q_tail_desc, kv_desc, kv_tail_desc, o_desc, o_tail_desc, seq, heads, qkv.stride(0),
-        out.stride(0), head_dim ** -0.5 * 1.4426950408889634,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tile.block_m, TAIL_M=tail_m, BLOCK_N=tile.block_n,
-        TAIL_N=tail_n, USE_TMA=tile.tma, num_warps=tile.warps, num_stages=tile.stages)
+        qkv, out, q_desc, kv_desc, o_desc, seq, heads, qkv.stride(0), out.stride(0),
+        head_dim ** -0.5 * 1.4426950408889634,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, USE_TMA=tile.tma,
+        num_warps=tile.warps, num_stages=tile.stages)
     return out
 
 

@@ -211,8 +211,8 @@ def test_engine_weights_live_in_one_allocation():
     (2, 17, 4, 16, "m32n32w4s2"),       # fewer tokens than one tile
     (2, 128, 2, 32, "m32n64w4s3tma"),   # TMA loads and stores, no ragged block
     (3, 70, 2, 64, "m64n32w4s3tma"),    # TMA past each image's end and past the buffer's
-    (2, 84, 2, 32, "m64n64w4s2tma"),    # 20 ragged rows and keys: 32-row tail tiles by TMA
-    (1, 577, 2, 64, "m64n64w4s3"),      # ViT-L/16's one ragged query row and key: 16-row tail tiles
+    (2, 84, 2, 32, "m64n64w4s2tma"),    # 20 ragged rows and keys by TMA
+    (1, 577, 2, 64, "m64n64w4s3"),      # ViT-L/16's one ragged query row and key
     (2, 33, 3, 64, ""),                 # the tile chosen by shape
 ])
 def test_triton_attention_matches_reference(batch, seq, heads, hd, tile):
