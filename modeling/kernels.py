@@ -309,6 +309,14 @@ GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n128k64
                         "m64n128k64w4s4x1f", "m64n128k64w4s3x1fo2", "m128n64k64w4s3x1fo2")
 
 
+def gemm_tiles(rows: int) -> tuple:
+    """The candidate tiles worth timing for a GEMM of `rows` rows: from 8192 rows on, only the
+    128-row tiles one program per SM ever won (the others cost the plan time and never win)."""
+    if rows < 8192:
+        return GEMM_TILE_CANDIDATES
+    return tuple(t for t in GEMM_TILE_CANDIDATES if t.startswith("m128") and not t.endswith("o2"))
+
+
 def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
     """Our GEMM moves tiles by TMA: a Hopper-class NVIDIA GPU (or the CPU interpreter), 16-bit
     floats, and rows whose byte strides are multiples of 16."""
