@@ -314,15 +314,15 @@ def gemm_tiles(rows: int) -> tuple:
     128-row tiles one program per SM ever won (the others cost the plan time and never win)."""
     if rows < 8192:
         return GEMM_TILE_CANDIDATES
-    return tuple(t for t in GEMM_TILE_CANDIDATES if t.startswith("m128") and not t.endswith("o2"))
+    from .ops import parse_gemm_tile
+    return tuple(t for t in GEMM_TILE_CANDIDATES
+                 if parse_gemm_tile(t).block_m == 128 and parse_gemm_tile(t).per_sm == 1)
 
 
 def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
     """Our GEMM moves tiles by TMA: a Hopper-class NVIDIA GPU (or the CPU interpreter), 16-bit
     floats, and rows whose byte strides are multiples of 16."""
     return dtype in (torch.float16, torch.bfloat16) and not any(d % 8 for d in dims) and _tma_device(device)
-
-
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str = "",

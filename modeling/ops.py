@@ -149,8 +149,6 @@ def linear_gelu(x, weight, bias, act, impl="separate", tile="", out=None):
     runs our GEMM with `tile` and the tanh approximation in its epilogue, "triton_erf" the same
     with the exact GELU."""
     if impl == "epilogue":
-        if out is None:
-            return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
         return torch._addmm_activation(bias, x, weight.t(), use_gelu=True, out=out)
     if impl in ("triton", "triton_erf"):
         from . import kernels

@@ -20,6 +20,11 @@ from . import ops
 from .config import ViTConfig
 
 
+def _aligned(nbytes: int) -> int:
+    """nbytes rounded up to 256: every view carved from one allocation starts TMA-aligned."""
+    return -(-nbytes // 256) * 256
+
+
 def _buffers(module: nn.Module, **tensors):
     for name, t in tensors.items():
         module.register_buffer(name, t)
@@ -97,13 +102,12 @@ class ActivationArena:
         self.rows = batch * cfg.seq_len
         inner = cfg.num_heads * cfg.head_dim
         self.dtype = dtype
-        esize = torch.empty((), dtype=dtype).element_size()
         sizes = {"x": self.rows * cfg.embed_dim, "narrow": self.rows * max(cfg.embed_dim, inner),
                  "wide": max(self.rows * max(3 * inner, cfg.mlp_hidden), batch * cfg.num_patches * cfg.patch_dim)}
         self.offsets, total = {}, 0
         for name, n in sizes.items():
             self.offsets[name] = total
-            total += -(-n * esize // 256) * 256
+            total += _aligned(n * dtype.itemsize)
         # the caching allocator serves a 1-10 MiB request from a 20 MiB segment, 10 MiB and up exactly
         if 2**20 < total < 10 * 2**20:
             total = 10 * 2**20
@@ -189,7 +193,7 @@ class VisionTransformer(nn.Module):
         nbytes = [t.numel() * t.element_size() for _, _, t in owners]
         starts = [0]
         for n in nbytes:
-            starts.append(starts[-1] + -(-n // 256) * 256)
+            starts.append(starts[-1] + _aligned(n))
         flat = torch.empty(starts[-1], dtype=torch.uint8)
         for (_, _, t), start, n in zip(owners, starts, nbytes):
             flat[start:start + n] = t.detach().contiguous().view(-1).view(torch.uint8)

@@ -18,7 +18,6 @@ from modeling.ops import parse_gemm_tile
 dev = torch.device("cuda")
 shapes = [a.split(":") for a in sys.argv[1:]] or (
     [("vit_base_patch16_224", b) for b in (1, 64, 256)] + [("vit_large_patch16_384", b) for b in (1, 16, 256)])
-
 TILES = [parse_gemm_tile(t) for t in (
     "m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n128k64w4s4x1f", "m128n128k64w8s4x1f", "m64n128k64w4s4x1f",
     # two programs per SM (o2): one program's epilogue overlaps the other's mainloop
