@@ -24,7 +24,7 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "3"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too
+ENGINE_VERSION = "4"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 

@@ -53,26 +53,15 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 @triton.jit
-def _exp2_f16x2(x):
-    # 2^x on pairs of float16 (one special-function instruction per two scores): the softmax's
-    # exponentials compete with the tensor cores for issue slots (docs/perf-notes.md, attempt 19)
-    return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x], dtype=tl.float16, is_pure=True,
-                                     pack=2)
-
-
-@triton.jit
-def _attention_step(q, k, v, m_i, l_i, acc, qk_scale, n_ok, MASKED: tl.constexpr, EXP_H2: tl.constexpr):
+def _attention_step(q, k, v, m_i, l_i, acc, qk_scale, n_ok, MASKED: tl.constexpr):
     # one key block of the online softmax, in base 2 with the scale folded into the exponent
     s = tl.dot(q, tl.trans(k))
     if MASKED:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-    if EXP_H2:  # exponents <= 0, probabilities in (0, 1]: float16 is what the PV product takes anyway
-        p = _exp2_f16x2((s * qk_scale - m_new[:, None]).to(tl.float16))
-    else:
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
@@ -93,7 +82,7 @@ def _load_rows(P, desc, b, row0, col, seq, stride, offs, offs_d, d_ok,
 @triton.jit
 def _attention_kernel(QKV, OUT, q_desc, kv_desc, o_desc, seq, heads, stride_qkv, stride_out, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, EXP_H2: tl.constexpr):
+                      BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     # One program per (query block, batch * head). Q, K and V are read straight out of the
     # fused (B * T, 3 * H * hd) QKV GEMM output and the result is written as (B * T, H * hd),
     # the proj GEMM's input: no layout copies on either side. Full key blocks run unmasked;
@@ -120,13 +109,13 @@ def _attention_kernel(QKV, OUT, q_desc, kv_desc, o_desc, seq, heads, stride_qkv,
                        BLOCK_N, BLOCK_D, USE_TMA, False)
         v = _load_rows(QKV, kv_desc, b, start, 2 * width + q_col, seq, stride_qkv, offs_n, offs_d, d_ok,
                        BLOCK_N, BLOCK_D, USE_TMA, False)
-        m_i, l_i, acc = _attention_step(q, k, v, m_i, l_i, acc, qk_scale, offs_n, False, EXP_H2)
+        m_i, l_i, acc = _attention_step(q, k, v, m_i, l_i, acc, qk_scale, offs_n, False)
     if n_full < seq:
         k = _load_rows(QKV, kv_desc, b, n_full, width + q_col, seq, stride_qkv, offs_n, offs_d, d_ok,
                        BLOCK_N, BLOCK_D, USE_TMA, True)
         v = _load_rows(QKV, kv_desc, b, n_full, 2 * width + q_col, seq, stride_qkv, offs_n, offs_d, d_ok,
                        BLOCK_N, BLOCK_D, USE_TMA, True)
-        m_i, l_i, acc = _attention_step(q, k, v, m_i, l_i, acc, qk_scale, n_full + offs_n < seq, True, EXP_H2)
+        m_i, l_i, acc = _attention_step(q, k, v, m_i, l_i, acc, qk_scale, n_full + offs_n < seq, True)
     out = (acc / l_i[:, None]).to(OUT.dtype.element_ty)
     if USE_TMA:
         o_desc.store([b, pid_m * BLOCK_M, q_col], out.reshape(1, BLOCK_M, BLOCK_D))
@@ -144,11 +133,9 @@ class AttentionTile:
     warps: int = 4
     stages: int = 2
     tma: bool = False
-    exp_h2: bool = False  # softmax exponentials on float16 pairs (NVIDIA, float16 only)
 
     def __str__(self):
-        return (f"m{self.block_m}n{self.block_n}w{self.warps}s{self.stages}{'tma' if self.tma else ''}"
-                f"{'h2' if self.exp_h2 else ''}")
+        return f"m{self.block_m}n{self.block_n}w{self.warps}s{self.stages}{'tma' if self.tma else ''}"
 
 
 def attention_block_m(batch: int, heads: int, seq: int, sms: int = 132) -> int:
@@ -232,7 +219,6 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int,
         qkv, out, q_desc, kv_desc, o_desc, seq, heads, qkv.stride(0), out.stride(0),
         head_dim ** -0.5 * 1.4426950408889634,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, USE_TMA=tile.tma,
-        EXP_H2=tile.exp_h2 and qkv.is_cuda and torch.version.hip is None and qkv.dtype == torch.float16,
         num_warps=tile.warps, num_stages=tile.stages)
     return out
 
@@ -254,34 +240,17 @@ def _gelu(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gelu_f16x2(x):
-    # GELU(tanh) on pairs of float16 (ACT 4, NVIDIA float16 outputs): the epilogue's arithmetic is what
-    # fc1 waits on, and packed half2 instructions do two elements each (docs/perf-notes.md, attempt 18).
-    # Constants as float16 pairs: 0x29B9 = 0.044715, 0x3A62 = sqrt(2/pi), 0x3C00 = 1, 0x3800 = 0.5.
-    return tl.inline_asm_elementwise(
-        "{.reg .b32 gk1, gk2, gone, ghalf, gx2, gp, gu, gt, ghx;\n"
-        "mov.b32 gk1, 0x29B929B9; mov.b32 gk2, 0x3A623A62; mov.b32 gone, 0x3C003C00; mov.b32 ghalf, 0x38003800;\n"
-        "mul.rn.f16x2 gx2, $1, $1; fma.rn.f16x2 gp, gx2, gk1, gone;\n"
-        "mul.rn.f16x2 gu, $1, gk2; mul.rn.f16x2 gu, gu, gp; tanh.approx.f16x2 gt, gu;\n"
-        "mul.rn.f16x2 ghx, $1, ghalf; fma.rn.f16x2 $0, gt, ghx, ghx;}",
-        "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
-
-
-@triton.jit
-def _linear_kernel(a_desc, w_desc, c_desc, BIAS, SHIFT, NORM_COLS, M, N, K, eps,
+def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, SPLIT_N: tl.constexpr,
                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACCUMULATE: tl.constexpr,
-                   FLATTEN: tl.constexpr, NORM: tl.constexpr, WS: tl.constexpr):
+                   FLATTEN: tl.constexpr, WS: tl.constexpr):
     # C = act(A @ W^T + bias), or C += A @ W^T (ACCUMULATE: the residual stream in place).
     # One program per SM walks the output tiles (grouped by GROUP_M rows of tiles so W stays in
     # L2); operand tiles move by TMA, and with FLATTEN the pipeliner issues the next tile's loads
     # while this tile's epilogue runs. The epilogue is stored in SPLIT_N column slices to keep
-    # its registers and shared-memory staging small.
-    # NORM: C = act(LayerNorm(A + shift) @ W^T + bias) with the norm's scale and offset folded
-    # into W and bias (ops.fold_norm): the mainloop multiplies the raw rows and sums y = a + shift
-    # and y^2 as they stream through (a program's A tiles hold its rows whole), and the epilogue
-    # applies rstd * (acc + shift @ W^T - mean * rowsum(W)) per row. No normalized copy of A.
+    # its registers and shared-memory staging small. WS asks Triton to warp-specialize the loop
+    # (on Hopper: a producer warp for the TMA loads, the 8 warps split into two consumer groups).
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
@@ -296,20 +265,10 @@ def _linear_kernel(a_desc, w_desc, c_desc, BIAS, SHIFT, NORM_COLS, M, N, K, eps,
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        s1 = tl.zeros([BLOCK_M], tl.float32)
-        s2 = tl.zeros([BLOCK_M], tl.float32)
         for ks in range(k_steps):
             a = a_desc.load([off_m, ks * BLOCK_K])
             w = w_desc.load([off_n, ks * BLOCK_K])
             acc = tl.dot(a, w.T, acc)
-            if NORM:  # columns past K are zero in A (TMA padding) and masked to zero in the shift
-                offs_k = ks * BLOCK_K + tl.arange(0, BLOCK_K)
-                y = a.to(tl.float32) + tl.load(SHIFT + offs_k, mask=offs_k < K, other=0.0)[None, :]
-                s1 += tl.sum(y, axis=1)
-                s2 += tl.sum(y * y, axis=1)
-        if NORM:
-            mean = s1 / K
-            rstd = tl.rsqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
         if SPLIT_N == 1:
             parts = (acc,)
         else:
@@ -317,16 +276,10 @@ def _linear_kernel(a_desc, w_desc, c_desc, BIAS, SHIFT, NORM_COLS, M, N, K, eps,
         for i in tl.static_range(SPLIT_N):
             part = parts[i]
             cols = off_n + i * SLICE
-            offs = cols + tl.arange(0, SLICE)
-            if NORM:
-                w_sum = tl.load(NORM_COLS + offs, mask=offs < N, other=0.0)
-                w_shift = tl.load(NORM_COLS + N + offs, mask=offs < N, other=0.0)
-                part = (part + w_shift[None, :] - mean[:, None] * w_sum[None, :]) * rstd[:, None]
             if HAS_BIAS:
+                offs = cols + tl.arange(0, SLICE)
                 part += tl.load(BIAS + offs, mask=offs < N, other=0.0).to(tl.float32)[None, :]
-            if ACT == 4:
-                part = _gelu_f16x2(part.to(tl.float16))
-            elif ACT:
+            if ACT:
                 part = _gelu(part, ACT)
             if ACCUMULATE:
                 part += c_desc.load([off_m, cols]).to(tl.float32)
@@ -344,7 +297,7 @@ class GemmTile:
     flatten: bool = True
     per_sm: int = 1    # programs per SM: 2 lets one program's epilogue overlap the other's mainloop
     group_m: int = 8
-    ws: bool = False   # Triton's automatic warp specialization of the tile loop
+    ws: bool = False   # Triton's automatic warp specialization of the tile loop (8-warp tiles on Hopper)
 
     def __str__(self):
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.warps}s{self.stages}"
@@ -353,9 +306,9 @@ class GemmTile:
 
 
 # Tiles that beat cuBLAS somewhere on the H100 (tools/gemm_tiles.py, docs/perf-notes.md): wide
-# 128x256 tiles with a two-slice epilogue at large M, 64x128 / 128x128 at batch 1, and two small-tile
-# programs per SM for the residual GEMMs at batch 1.
-GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n128k64w4s4x1f", "m128n128k64w8s4x1f",
+# 128x256 tiles with a two-slice epilogue at large M (warp-specialized or not), 64x128 / 128x128 at
+# batch 1, and two small-tile programs per SM for the residual GEMMs at batch 1.
+GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n256k64w8s3x2fws", "m128n128k64w4s4x1f",
                         "m64n128k64w4s4x1f", "m64n128k64w4s3x1fo2", "m128n64k64w4s3x1fo2")
 
 
@@ -376,19 +329,15 @@ def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str = "",
-           out: torch.Tensor | None = None, accumulate: bool = False, tile: GemmTile = GemmTile(),
-           norm: tuple | None = None) -> torch.Tensor:
-    """act(x @ weight.T + bias) with act "" / "gelu" (erf) / "gelu_tanh" / "gelu_tanh_h2" (the tanh
-    GELU in packed float16 arithmetic on NVIDIA float16 outputs; float32 elsewhere), written to `out`
-    (new if None); with `accumulate` (no bias or act), out += x @ weight.T in place. With `norm` =
-    (shift, norm_cols, eps), x is normalized first: act(LayerNorm(x + shift) @ weight.T + bias) for
-    a weight and bias with the norm's affine folded in (ops.fold_norm makes them and norm_cols).
-    x (M, K), weight (N, K), out (M, N), all with contiguous rows."""
+           out: torch.Tensor | None = None, accumulate: bool = False, tile: GemmTile = GemmTile()) -> torch.Tensor:
+    """act(x @ weight.T + bias) with act "" / "gelu" (erf) / "gelu_tanh", written to `out` (new if
+    None); with `accumulate` (no bias or act), out += x @ weight.T in place. x (M, K), weight (N, K),
+    out (M, N), all with contiguous rows."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     M, K = x.shape
     N = weight.shape[0]
-    assert not (accumulate and (out is None or bias is not None or act or norm)), \
-        "in-place accumulation needs `out` and takes no bias, act or norm"
+    assert not (accumulate and (out is None or bias is not None or act)), \
+        "in-place accumulation needs `out` and takes no bias or act"
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     a_desc = TensorDescriptor.from_tensor(x, [tile.block_m, tile.block_k])
@@ -397,14 +346,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     programs = min(sms * tile.per_sm, tiles)
-    hw_tanh = x.is_cuda and torch.version.hip is None
-    half2 = hw_tanh and out.dtype == torch.float16
-    codes = {"": 0, "gelu": 1, "gelu_tanh": 3 if hw_tanh else 2, "gelu_tanh_h2": 4 if half2 else 3 if hw_tanh else 2}
-    shift, norm_cols, eps = norm if norm is not None else (weight, weight, 0.0)
     _linear_kernel[(programs,)](
-        a_desc, w_desc, c_desc, bias if bias is not None else weight, shift, norm_cols, M, N, K, eps,
+        a_desc, w_desc, c_desc, bias if bias is not None else weight, M, N, K,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
-        PROGRAMS=programs, SPLIT_N=tile.split_n, HAS_BIAS=bias is not None, ACT=codes[act],
-        ACCUMULATE=accumulate, FLATTEN=tile.flatten, NORM=norm is not None, WS=tile.ws,
+        PROGRAMS=programs, SPLIT_N=tile.split_n, HAS_BIAS=bias is not None,
+        ACT={"": 0, "gelu": 1, "gelu_tanh": 3 if x.is_cuda else 2}[act], ACCUMULATE=accumulate, FLATTEN=tile.flatten,
+        WS=tile.ws,
         num_warps=tile.warps, num_stages=tile.stages)
     return out

@@ -112,33 +112,12 @@ def layer_norm(x, weight, bias, eps, shift=None, impl="torch", out=None):
     return layer_norm_reference(x, weight, bias, eps, shift)
 
 
-def fold_norm(norm_weight, norm_bias, shift, weight, bias):
-    """LayerNorm(y) @ W.T + b = normalize(y) @ (W * gamma).T + (b + W @ beta): the norm's affine
-    moved into the GEMM after it. Returns (folded weight, folded bias, norm_cols): norm_cols is
-    (2, N) float32, each column's weight sum and shift @ W.T, what a GEMM that normalizes its
-    input rows itself (kernels.linear's `norm`) needs in its epilogue."""
-    w32 = weight.float() * norm_weight.float()[None, :]
-    folded = w32.to(weight.dtype)
-    new_bias = (bias.float() if bias is not None else 0) + weight.float() @ norm_bias.float()
-    w32 = folded.float()  # the sums of the weights the GEMM actually multiplies
-    shift = shift.float() if shift is not None else torch.zeros_like(w32[0])
-    norm_cols = torch.stack([w32.sum(1), w32 @ shift]).contiguous()
-    return folded, new_bias.to(bias.dtype if bias is not None else torch.float32), norm_cols
-
-
-def normed_linear_reference(x, shift, eps, weight, bias):
-    """normalize(x + shift) @ W.T + b, the unit LayerNorm in float32 rounded to x's dtype (what a
-    separate LayerNorm kernel hands the GEMM)."""
-    ones = torch.ones(x.shape[-1], device=x.device)
-    return F.linear(layer_norm_reference(x, ones, torch.zeros_like(ones), eps, shift), weight, bias)
-
-
 # --- linear layers ----------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)  # called on every forward outside a CUDA graph
 def parse_gemm_tile(text: str, what: str = "gemm tile"):
     """"m128n256k64w8s3x2f" -> kernels.GemmTile (block m/n/k, warps, stages, epilogue slices,
-    f: flattened persistent loop, o2: two programs per SM); ValueError when malformed."""
+    f: flattened persistent loop, o2: two programs per SM, ws: warp-specialized); ValueError when malformed."""
     m = re.fullmatch(r"m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)x([12])(f?)(?:o([12]))?(ws)?", text)
     if not m or int(m[2]) % int(m[6]):
         raise ValueError(f"plan.{what}={text!r}; expected like m128n256k64w8s3x2f")
@@ -200,11 +179,11 @@ def residual_linear(x, a, weight, impl="add", tile=""):
 @functools.lru_cache(maxsize=None)
 def parse_attention_tile(text: str):
     """"m64n64w4s3tma" -> kernels.AttentionTile; ValueError when malformed."""
-    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(h2)?", text)
+    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?", text)
     if not m:
-        raise ValueError(f"plan.attention_tile={text!r}; expected like m64n64w4s2 or m128n64w8s3tmah2")
+        raise ValueError(f"plan.attention_tile={text!r}; expected like m64n64w4s2 or m128n64w8s3tma")
     from .kernels import AttentionTile
-    return AttentionTile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), bool(m[5]), bool(m[6]))
+    return AttentionTile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), bool(m[5]))
 
 
 def split_qkv(qkv: torch.Tensor, batch: int, heads: int, head_dim: int):

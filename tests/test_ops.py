@@ -100,6 +100,7 @@ def test_plan_rejects_unknown_impl():
     (197, 96, 80, "m32n32k16w4s2x1f"),   # ragged rows and K (TMA zero-fills past the edges)
     (33, 200, 48, "m32n64k32w4s2x2"),    # two epilogue slices, ragged N, nested loop
     (64, 64, 64, "m64n64k64w4s3x1f"),    # one tile
+    (150, 72, 40, "m32n32k16w4s2x2fws"),  # warp-specialized tile loop (a hint; the same math)
 ])
 def test_triton_gemm_matches_reference(rows, n, k, tile):
     g = torch.Generator().manual_seed(rows + n + k)
@@ -128,7 +129,9 @@ def test_gemm_tiles_parse_and_validate():
     assert str(tile) == "m128n256k64w8s3x2f" and tile.per_sm == 1
     two = ops.parse_gemm_tile("m64n128k64w4s3x1fo2")
     assert two.per_sm == 2 and str(two) == "m64n128k64w4s3x1fo2"
-    for bad in ("m128n256k64", "m128n256k64w8s3x3f", "m128n255k64w8s3x2", "m64n128k64w4s3x1fo3"):
+    ws = ops.parse_gemm_tile("m128n256k64w8s3x2fws")
+    assert ws.ws and not tile.ws and str(ws) == "m128n256k64w8s3x2fws"
+    for bad in ("m128n256k64", "m128n256k64w8s3x3f", "m128n255k64w8s3x2", "m64n128k64w4s3x1fo3", "m64n128k64w4s3x1w"):
         with pytest.raises(ValueError, match="fc2_tile"):
             ops.Plan(fc2_tile=bad)
     # an fc1 tile and the fc1 path that uses it come together
