@@ -240,22 +240,17 @@ def _gelu(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K, STATS, CLEAR, SHIFT, NORM_COLS, eps,
+def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, SPLIT_N: tl.constexpr,
                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACCUMULATE: tl.constexpr,
-                   FLATTEN: tl.constexpr, WS: tl.constexpr, NORM_IN: tl.constexpr, STATS_OUT: tl.constexpr):
+                   FLATTEN: tl.constexpr, WS: tl.constexpr):
     # C = act(A @ W^T + bias), or C += A @ W^T (ACCUMULATE: the residual stream in place).
     # One program per SM walks the output tiles (grouped by GROUP_M rows of tiles so W stays in
     # L2); operand tiles move by TMA, and with FLATTEN the pipeliner issues the next tile's loads
     # while this tile's epilogue runs. The epilogue is stored in SPLIT_N column slices to keep
     # its registers and shared-memory staging small. WS asks Triton to warp-specialize the loop
     # (on Hopper: a producer warp for the TMA loads, the 8 warps split into two consumer groups).
-    # LayerNorm without a LayerNorm pass (ops.fold_norm): STATS_OUT (with ACCUMULATE) adds each row's
-    # sum and sum of squares of y = C + SHIFT into STATS (2, M) by atomics, and zeroes the rows of
-    # CLEAR (the statistics the previous GEMM consumed); NORM_IN treats A as LayerNorm(A + shift)
-    # for a weight with the norm's scale folded in: C = rstd (acc + shift @ W^T - mean rowsum(W)) + b,
-    # the row statistics from STATS and the two column vectors from NORM_COLS (2, N).
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
@@ -278,41 +273,17 @@ def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K, STATS, CLEAR, SHIFT, N
             parts = (acc,)
         else:
             parts = tl.split(acc.reshape(BLOCK_M, 2, SLICE).permute(0, 2, 1))
-        rows = off_m + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        if NORM_IN:
-            mean = tl.load(STATS + rows, mask=row_ok, other=0.0) / K
-            rstd = tl.rsqrt(tl.maximum(tl.load(STATS + M + rows, mask=row_ok, other=0.0) / K - mean * mean, 0.0) + eps)
-        if STATS_OUT:
-            s1 = tl.zeros([BLOCK_M], tl.float32)
-            s2 = tl.zeros([BLOCK_M], tl.float32)
         for i in tl.static_range(SPLIT_N):
             part = parts[i]
             cols = off_n + i * SLICE
-            offs = cols + tl.arange(0, SLICE)
-            if NORM_IN:
-                w_sum = tl.load(NORM_COLS + offs, mask=offs < N, other=0.0)
-                w_shift = tl.load(NORM_COLS + N + offs, mask=offs < N, other=0.0)
-                part = (part + w_shift[None, :] - mean[:, None] * w_sum[None, :]) * rstd[:, None]
             if HAS_BIAS:
+                offs = cols + tl.arange(0, SLICE)
                 part += tl.load(BIAS + offs, mask=offs < N, other=0.0).to(tl.float32)[None, :]
             if ACT:
                 part = _gelu(part, ACT)
             if ACCUMULATE:
                 part += c_desc.load([off_m, cols]).to(tl.float32)
-            out = part.to(c_desc.dtype)
-            c_desc.store([off_m, cols], out)
-            if STATS_OUT:  # of the stored (rounded) values, as a LayerNorm reading them would see
-                y = out.to(tl.float32) + tl.load(SHIFT + offs, mask=offs < N, other=0.0)[None, :]
-                y = tl.where((offs < N)[None, :], y, 0.0)
-                s1 += tl.sum(y, axis=1)
-                s2 += tl.sum(y * y, axis=1)
-        if STATS_OUT:
-            tl.atomic_add(STATS + rows, s1, mask=row_ok, sem="relaxed")
-            tl.atomic_add(STATS + M + rows, s2, mask=row_ok, sem="relaxed")
-            first = row_ok & (rows * 0 + pid_n == 0)  # a mask, not a branch: the loop flattening takes no ifs
-            tl.store(CLEAR + rows, tl.zeros([BLOCK_M], tl.float32), mask=first)
-            tl.store(CLEAR + M + rows, tl.zeros([BLOCK_M], tl.float32), mask=first)
+            c_desc.store([off_m, cols], part.to(c_desc.dtype))
 
 
 @dataclass(frozen=True)
@@ -358,15 +329,10 @@ def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str = "",
-           out: torch.Tensor | None = None, accumulate: bool = False, tile: GemmTile = GemmTile(),
-           norm_in: tuple | None = None, stats_out: tuple | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, accumulate: bool = False, tile: GemmTile = GemmTile()) -> torch.Tensor:
     """act(x @ weight.T + bias) with act "" / "gelu" (erf) / "gelu_tanh", written to `out` (new if
     None); with `accumulate` (no bias or act), out += x @ weight.T in place. x (M, K), weight (N, K),
-    out (M, N), all with contiguous rows.
-    norm_in = (stats, norm_cols, eps): x is the un-normalized input of a LayerNorm whose row sums
-    are in stats and whose scale and offset are folded into weight and bias (ops.fold_norm).
-    stats_out = (stats, clear, shift), with accumulate: add the rows' sums of (out + shift) and of
-    its squares into stats, zero clear. stats are (2, M) float32."""
+    out (M, N), all with contiguous rows."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     M, K = x.shape
     N = weight.shape[0]
@@ -380,18 +346,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     programs = min(sms * tile.per_sm, tiles)
-    assert not (stats_out and not accumulate), "row statistics come from the residual GEMMs"
-    stats, norm_cols, eps = norm_in if norm_in is not None else (None, weight, 0.0)
-    if stats_out is not None:
-        stats, clear, shift = stats_out
-    else:
-        clear = shift = weight
     _linear_kernel[(programs,)](
         a_desc, w_desc, c_desc, bias if bias is not None else weight, M, N, K,
-        stats if stats is not None else weight, clear, shift, norm_cols, eps,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         PROGRAMS=programs, SPLIT_N=tile.split_n, HAS_BIAS=bias is not None,
         ACT={"": 0, "gelu": 1, "gelu_tanh": 3 if x.is_cuda else 2}[act], ACCUMULATE=accumulate, FLATTEN=tile.flatten,
-        WS=tile.ws, NORM_IN=norm_in is not None, STATS_OUT=stats_out is not None,
+        WS=tile.ws,
         num_warps=tile.warps, num_stages=tile.stages)
     return out

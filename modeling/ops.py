@@ -112,27 +112,6 @@ def layer_norm(x, weight, bias, eps, shift=None, impl="torch", out=None):
     return layer_norm_reference(x, weight, bias, eps, shift)
 
 
-def fold_norm(norm_weight, norm_bias, weight, bias):
-    """LayerNorm(y) @ W.T + b = normalize(y) @ (W * gamma).T + (b + W @ beta): the norm's scale and
-    offset moved into the GEMM after it. Returns the folded (weight, bias), bias in float32."""
-    folded = (weight.float() * norm_weight.float()[None, :]).to(weight.dtype)
-    new_bias = weight.float() @ norm_bias.float() + (bias.float() if bias is not None else 0.0)
-    return folded, new_bias
-
-
-def norm_columns(weight, shift):
-    """(2, N) float32: each output column's weight sum and shift @ W.T, what a GEMM that takes
-    un-normalized rows (kernels.linear's norm_in) needs besides the rows' statistics."""
-    w = weight.float()
-    return torch.stack([w.sum(1), w @ shift.float()]).contiguous()
-
-
-def row_stats(x, shift):
-    """(2, M) float32: each row's sum and sum of squares of x + shift."""
-    y = x.float() + shift.float()
-    return torch.stack([y.sum(1), (y * y).sum(1)]).contiguous()
-
-
 # --- linear layers ----------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)  # called on every forward outside a CUDA graph
