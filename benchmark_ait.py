@@ -68,6 +68,7 @@ def main(model_name, variant, batch_size, use_fp16_acc, use_graph, device, dtype
     def make_runner(batch):
         engine = compile_engine(model, batch, target, options, cache_dir, log=lambda m: click.echo(m, err=True))
         return engine.run, {"plan": engine.plan.as_dict(), "compile_s": engine.info["compile_s"],
+                            "plan_s": engine.info.get("plan_s"),
                             "plan_source": engine.info["plan_source"], "use_graph": engine.use_graph,
                             "fp16_acc": use_fp16_acc}
 

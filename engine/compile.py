@@ -202,19 +202,20 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     mlp_act, t_act = _fastest(act_candidates, dev, use_graph)
     mlp_act, _, fc1_tile = mlp_act.partition(":")
 
-    def gemm_site(cublas, ours):
-        name, t = _fastest({"cublas": cublas, **{tile: (lambda tile=tile: ours(tile)) for tile in tiles}},
+    def gemm_site(cublas, ours, accumulate=False):
+        fitting = [t for t in tiles if ops.parse_gemm_tile(t).fits(accumulate)]
+        name, t = _fastest({"cublas": cublas, **{tile: (lambda tile=tile: ours(tile)) for tile in fitting}},
                            dev, use_graph)
         return ("" if name == "cublas" else name), t
     w, b = blk.qkv.weight, blk.qkv.bias
     qkv_tile, t_qkv = gemm_site(lambda: ops.linear(x, w, b), lambda tile: ops.linear(x, w, b, tile))
     w = blk.proj.weight
     proj_tile, t_proj = gemm_site(lambda: ops.residual_linear(x, a, w, residual),
-                                  lambda tile: ops.residual_linear(x, a, w, residual, tile))
+                                  lambda tile: ops.residual_linear(x, a, w, residual, tile), accumulate=True)
     h = torch.randn(rows, cfg.mlp_hidden, device=dev, dtype=dtype, generator=gen)
     w2 = blk.fc2.weight
     fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, w2, residual),
-                                lambda tile: ops.residual_linear(x, h, w2, residual, tile))
+                                lambda tile: ops.residual_linear(x, h, w2, residual, tile), accumulate=True)
     qkv = torch.randn(rows, 3 * cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
 
     def attention_with(backend, tile=""):
@@ -327,7 +328,9 @@ def compile_engine(model, batch: int, target: Target, options: Options, cache_ro
         else:
             if why != "no cache entry":
                 log(f"note: {directory}: {why}; rebuilding")
+            t_plan = time.perf_counter()
             plan, report = choose_plan(model.set_plan(ops.Plan()), batch, target, options, use_graph)
+            info["plan_s"] = round(time.perf_counter() - t_plan, 2)
             save_plan(directory, key, plan, report)
             info["plan_source"] = f"measured, saved to {directory}"
             info["measured"] = report

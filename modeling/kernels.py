@@ -304,6 +304,14 @@ class GemmTile:
                 f"x{self.split_n}{'f' if self.flatten else ''}{f'o{self.per_sm}' if self.per_sm > 1 else ''}"
                 f"{'ws' if self.ws else ''}")
 
+    def fits(self, accumulate: bool, shared_bytes: int = 232448) -> bool:
+        """Whether the operand ring and the epilogue staging (twice for the in-place residual,
+        which loads C too) fit the H100's shared memory, so a tile that cannot launch is not
+        compiled and timed at all (the 128x256 4-stage tile with accumulation needs 262 KB)."""
+        ring = self.stages * (self.block_m + self.block_n) * self.block_k * 2
+        staging = self.block_m * (self.block_n // self.split_n) * 2 * (2 if accumulate else 1)
+        return (ring + staging) * self.per_sm <= shared_bytes
+
 
 # Tiles that beat cuBLAS somewhere on the H100 (tools/gemm_tiles.py, docs/perf-notes.md): wide
 # 128x256 tiles with a two-slice epilogue at large M (warp-specialized or not), 64x128 / 128x128 at

@@ -131,6 +131,9 @@ def test_gemm_tiles_parse_and_validate():
     assert two.per_sm == 2 and str(two) == "m64n128k64w4s3x1fo2"
     ws = ops.parse_gemm_tile("m128n256k64w8s3x2fws")
     assert ws.ws and not tile.ws and str(ws) == "m128n256k64w8s3x2fws"
+    # the H100 said: 262,192 bytes of shared memory for the 4-stage 128x256 tile accumulating in place
+    deep = ops.parse_gemm_tile("m128n256k64w8s4x2f")
+    assert deep.fits(accumulate=False) and not deep.fits(accumulate=True) and tile.fits(accumulate=True)
     for bad in ("m128n256k64", "m128n256k64w8s3x3f", "m128n255k64w8s3x2", "m64n128k64w4s3x1fo3", "m64n128k64w4s3x1w"):
         with pytest.raises(ValueError, match="fc2_tile"):
             ops.Plan(fc2_tile=bad)
