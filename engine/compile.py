@@ -167,6 +167,25 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
     return min(times, key=times.get), times
 
 
+def _precompile(launches, threads: int = 8):
+    """Compile the Triton candidates side by side before timing them: from a cold Triton cache
+    each kernel variant costs ~1 s to compile, most of it in ptxas, which runs outside the GIL.
+    A launch that fails here is left for the timing pass to skip."""
+    from concurrent.futures import ThreadPoolExecutor
+    from modeling import kernels
+
+    def compile_one(launch):
+        with kernels.compile_only():
+            try:
+                launch()
+            except Exception:  # noqa: BLE001 (resource limits, unsupported shapes: _fastest skips them)
+                pass
+    if launches:
+        compile_one(launches[0])  # the first one alone: Triton sets up its driver and caches
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(compile_one, launches[1:]))
+
+
 @torch.no_grad()
 def choose_plan(model, batch: int, target: Target, options: Options, use_graph: bool = True) -> tuple:
     """Measure each op's alternatives at this batch's real shapes, using block 0's weights."""
@@ -190,13 +209,25 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     from modeling import kernels
     tiles = kernels.gemm_tiles(rows) if kernels.gemm_supported(
         dev, dtype, cfg.embed_dim, cfg.mlp_hidden, 3 * cfg.num_heads * cfg.head_dim) else ()
+    h = torch.randn(rows, cfg.mlp_hidden, device=dev, dtype=dtype, generator=gen)
+    qkv = torch.randn(rows, 3 * cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+    attention_tiles = (kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms)
+                       if "triton" in target.attention_backends and dtype != torch.float32 else ())
     f1 = blk.fc1
-    act_candidates = {"separate": lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "separate")}
     # the tanh-GELU epilogue is an approximation below low-precision rounding, not below float32's
     tanh_ok = cfg.act == "gelu_tanh" or (not options.exact_gelu and dtype != torch.float32)
+    ours = "triton" if tanh_ok else "triton_erf"
+    _precompile([lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, ours, t) for t in tiles]
+                + [lambda t=t: ops.linear(x, blk.qkv.weight, blk.qkv.bias, t) for t in tiles]
+                + [lambda t=t, a=a_in, w=w: ops.residual_linear(x, a, w, "add", t)
+                   for a_in, w in ((a, blk.proj.weight), (h, blk.fc2.weight))
+                   for t in tiles if ops.parse_gemm_tile(t).fits(accumulate=True)]
+                + [lambda t=t: ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, "triton", str(t))
+                   for t in attention_tiles])
+    act_candidates = {"separate": lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "separate")}
     if tanh_ok:
         act_candidates["epilogue"] = lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue")
-    ours = "triton" if tanh_ok else "triton_erf"
     act_candidates.update({f"{ours}:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, ours, t))
                            for t in tiles})
     mlp_act, t_act = _fastest(act_candidates, dev, use_graph)
@@ -212,11 +243,9 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     w = blk.proj.weight
     proj_tile, t_proj = gemm_site(lambda: ops.residual_linear(x, a, w, residual),
                                   lambda tile: ops.residual_linear(x, a, w, residual, tile), accumulate=True)
-    h = torch.randn(rows, cfg.mlp_hidden, device=dev, dtype=dtype, generator=gen)
     w2 = blk.fc2.weight
     fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, w2, residual),
                                 lambda tile: ops.residual_linear(x, h, w2, residual, tile), accumulate=True)
-    qkv = torch.randn(rows, 3 * cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
 
     def attention_with(backend, tile=""):
         def run():
@@ -227,9 +256,8 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     for backend in target.attention_backends:
         if backend != "triton":
             candidates[backend] = attention_with(backend)
-        elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles
-            sms = torch.cuda.get_device_properties(dev).multi_processor_count
-            for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
+        else:  # the Triton kernel computes in float16/bfloat16 tiles: none for float32
+            for tile in attention_tiles:
                 candidates[f"triton:{tile}"] = attention_with("triton", str(tile))
     attention, t_attn = _fastest(candidates, dev, use_graph)
     attention, _, tile = attention.partition(":")

@@ -5,11 +5,34 @@ Each kernel has a plain-PyTorch reference in ops.py and a test against it on odd
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+
+_COMPILE_ONLY = threading.local()
+
+
+@contextlib.contextmanager
+def compile_only():
+    """Within this context (in this thread), the kernel launches below compile their kernel and
+    return without running it: the plan compiles its candidates side by side in threads."""
+    _COMPILE_ONLY.on = True
+    try:
+        yield
+    finally:
+        _COMPILE_ONLY.on = False
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    if getattr(_COMPILE_ONLY, "on", False):
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 @triton.jit
@@ -45,8 +68,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     rows = max(1, min(16, 4096 // block))
     num_warps = 4 if block * rows <= 4096 else 8
     grid = (triton.cdiv(n_rows, rows),)
-    _layer_norm_kernel[grid](
-        x, out, weight, bias, shift if shift is not None else weight, n_rows, n_cols,
+    _launch(
+        _layer_norm_kernel, grid, x, out, weight, bias, shift if shift is not None else weight, n_rows, n_cols,
         x.stride(0), out.stride(0), eps, HAS_SHIFT=shift is not None, ROWS=rows, BLOCK=block,
         num_warps=num_warps)
     return out
@@ -215,8 +238,8 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int,
         kv_desc = TensorDescriptor.from_tensor(view, [1, tile.block_n, block_d])
         o_desc = TensorDescriptor.from_tensor(out.view(batch, seq, -1), [1, tile.block_m, block_d])
     grid = (triton.cdiv(seq, tile.block_m), batch * heads)
-    _attention_kernel[grid](
-        qkv, out, q_desc, kv_desc, o_desc, seq, heads, qkv.stride(0), out.stride(0),
+    _launch(
+        _attention_kernel, grid, qkv, out, q_desc, kv_desc, o_desc, seq, heads, qkv.stride(0), out.stride(0),
         head_dim ** -0.5 * 1.4426950408889634,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, USE_TMA=tile.tma,
         num_warps=tile.warps, num_stages=tile.stages)
@@ -354,8 +377,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     programs = min(sms * tile.per_sm, tiles)
-    _linear_kernel[(programs,)](
-        a_desc, w_desc, c_desc, bias if bias is not None else weight, M, N, K,
+    _launch(
+        _linear_kernel, (programs,), a_desc, w_desc, c_desc, bias if bias is not None else weight, M, N, K,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         PROGRAMS=programs, SPLIT_N=tile.split_n, HAS_BIAS=bias is not None,
         ACT={"": 0, "gelu": 1, "gelu_tanh": 3 if x.is_cuda else 2}[act], ACCUMULATE=accumulate, FLATTEN=tile.flatten,

@@ -251,3 +251,23 @@ def test_attention_block_m_fills_the_gpu():
     from modeling.kernels import attention_block_m
     assert attention_block_m(256, 12, 196) == 128
     assert attention_block_m(1, 12, 196) == 16
+
+
+def test_compile_only_launches_nothing_and_ends_with_its_context():
+    """The plan compiles its Triton candidates in threads inside kernels.compile_only(): a launch
+    there must not run (its output stays untouched), and launches after the context run again."""
+    import threading
+
+    from modeling import kernels
+    x, w = torch.randn(40, 48), torch.randn(24, 48)
+    out = torch.full((40, 24), 7.0)
+    tile = ops.parse_gemm_tile("m32n32k16w4s2x1f")
+    with kernels.compile_only():
+        kernels.linear(x, w, out=out, tile=tile)
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(kernels.linear(x, w, tile=tile)))
+        other.start()
+        other.join()
+    assert torch.all(out == 7.0)
+    assert _rel(seen[0], x @ w.t()) < 1e-5  # another thread was not in compile-only mode
+    assert _rel(kernels.linear(x, w, out=out, tile=tile), x @ w.t()) < 1e-5
