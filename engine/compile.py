@@ -211,55 +211,49 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         dev, dtype, cfg.embed_dim, cfg.mlp_hidden, 3 * cfg.num_heads * cfg.head_dim) else ()
     h = torch.randn(rows, cfg.mlp_hidden, device=dev, dtype=dtype, generator=gen)
     qkv = torch.randn(rows, 3 * cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
-    attention_tiles = (kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms)
-                       if "triton" in target.attention_backends and dtype != torch.float32 else ())
     f1 = blk.fc1
+    fc1 = {"separate": lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "separate")}
     # the tanh-GELU epilogue is an approximation below low-precision rounding, not below float32's
     tanh_ok = cfg.act == "gelu_tanh" or (not options.exact_gelu and dtype != torch.float32)
-    ours = "triton" if tanh_ok else "triton_erf"
-    _precompile([lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, ours, t) for t in tiles]
-                + [lambda t=t: ops.linear(x, blk.qkv.weight, blk.qkv.bias, t) for t in tiles]
-                + [lambda t=t, a=a_in, w=w: ops.residual_linear(x, a, w, "add", t)
-                   for a_in, w in ((a, blk.proj.weight), (h, blk.fc2.weight))
-                   for t in tiles if ops.parse_gemm_tile(t).fits(accumulate=True)]
-                + [lambda t=t: ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, "triton", str(t))
-                   for t in attention_tiles])
-    act_candidates = {"separate": lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "separate")}
     if tanh_ok:
-        act_candidates["epilogue"] = lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue")
-    act_candidates.update({f"{ours}:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, ours, t))
-                           for t in tiles})
-    mlp_act, t_act = _fastest(act_candidates, dev, use_graph)
-    mlp_act, _, fc1_tile = mlp_act.partition(":")
+        fc1["epilogue"] = lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue")
+    ours = "triton" if tanh_ok else "triton_erf"
+    triton_fc1 = {f"{ours}:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, ours, t))
+                  for t in tiles}
 
-    def gemm_site(cublas, ours, accumulate=False):
-        fitting = [t for t in tiles if ops.parse_gemm_tile(t).fits(accumulate)]
-        name, t = _fastest({"cublas": cublas, **{tile: (lambda tile=tile: ours(tile)) for tile in fitting}},
-                           dev, use_graph)
-        return ("" if name == "cublas" else name), t
+    def gemm_tiled(run_tile, accumulate=False):  # tiles whose shared memory holds this epilogue
+        return {t: (lambda t=t: run_tile(t)) for t in tiles if ops.parse_gemm_tile(t).fits(accumulate)}
     w, b = blk.qkv.weight, blk.qkv.bias
-    qkv_tile, t_qkv = gemm_site(lambda: ops.linear(x, w, b), lambda tile: ops.linear(x, w, b, tile))
-    w = blk.proj.weight
-    proj_tile, t_proj = gemm_site(lambda: ops.residual_linear(x, a, w, residual),
-                                  lambda tile: ops.residual_linear(x, a, w, residual, tile), accumulate=True)
-    w2 = blk.fc2.weight
-    fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, w2, residual),
-                                lambda tile: ops.residual_linear(x, h, w2, residual, tile), accumulate=True)
+    triton_qkv = gemm_tiled(lambda tile: ops.linear(x, w, b, tile))
+    triton_proj = gemm_tiled(lambda tile: ops.residual_linear(x, a, blk.proj.weight, residual, tile), True)
+    triton_fc2 = gemm_tiled(lambda tile: ops.residual_linear(x, h, blk.fc2.weight, residual, tile), True)
 
     def attention_with(backend, tile=""):
         def run():
             with ops.sdpa_backend(backend):
                 return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, backend, tile)
         return run
-    candidates = {}
+    sdpa, triton_attention = {}, {}
     for backend in target.attention_backends:
         if backend != "triton":
-            candidates[backend] = attention_with(backend)
-        else:  # the Triton kernel computes in float16/bfloat16 tiles: none for float32
-            for tile in attention_tiles:
-                candidates[f"triton:{tile}"] = attention_with("triton", str(tile))
-    attention, t_attn = _fastest(candidates, dev, use_graph)
+            sdpa[backend] = attention_with(backend)
+        elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
+                triton_attention[f"triton:{tile}"] = attention_with("triton", str(tile))
+    _precompile([launch for site in (triton_fc1, triton_qkv, triton_proj, triton_fc2, triton_attention)
+                 for launch in site.values()])
+
+    mlp_act, t_act = _fastest({**fc1, **triton_fc1}, dev, use_graph)
+    mlp_act, _, fc1_tile = mlp_act.partition(":")
+
+    def gemm_site(cublas, tiled):
+        name, t = _fastest({"cublas": cublas, **tiled}, dev, use_graph)
+        return ("" if name == "cublas" else name), t
+    qkv_tile, t_qkv = gemm_site(lambda: ops.linear(x, w, b), triton_qkv)
+    proj_tile, t_proj = gemm_site(lambda: ops.residual_linear(x, a, blk.proj.weight, residual), triton_proj)
+    fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, blk.fc2.weight, residual), triton_fc2)
+    attention, t_attn = _fastest({**sdpa, **triton_attention}, dev, use_graph)
     attention, _, tile = attention.partition(":")
     plan = ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention, attention_tile=tile,
                     qkv_tile=qkv_tile, fc1_tile=fc1_tile, proj_tile=proj_tile, fc2_tile=fc2_tile)

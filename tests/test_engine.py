@@ -183,3 +183,26 @@ def test_plan_choice_outvotes_a_transient_slowdown():
     start.clear()
     name, _ = _fastest({"transient": transient, "steady": steady}, torch.device("cpu"), use_graph=False, rounds=0)
     assert name == "steady"
+
+
+def test_choose_plan_times_every_candidate_of_every_site():
+    """The whole plan search on the CPU interpreter (float16 micro model, no graphs): each GEMM site
+    times cuBLAS and every candidate tile, the in-place residual sites only the tiles whose shared
+    memory holds their epilogue, and the choice is a valid plan."""
+    from unittest import mock
+
+    from engine.compile import Options, choose_plan
+    from engine.target import Target
+    from modeling import kernels, ops
+    cfg = vit_config("vit_micro_patch8_32")
+    timm_model, _ = wu.source_model(cfg, seed=0)
+    model = wu.build_engine(cfg, wu.convert(timm_model, cfg), torch.float16, "cpu")
+    with mock.patch.object(Target, "attention_backends", new=property(lambda self: ("math",))):
+        plan, report = choose_plan(model, 2, Target("cpu", torch.device("cpu"), "cpu"), Options(), use_graph=False)
+    tiles = set(kernels.gemm_tiles(2 * cfg.seq_len))
+    in_place = {t for t in tiles if ops.parse_gemm_tile(t).fits(accumulate=True)}
+    assert tiles - in_place  # the 4-stage 128x256 tile cannot hold the residual
+    assert set(report["qkv"]) == {"cublas"} | tiles
+    assert set(report["proj"]) == set(report["fc2"]) == {"cublas"} | in_place
+    assert set(report["mlp_act"]) == {"separate", "epilogue"} | {f"triton:{t}" for t in tiles}
+    assert set(report["attention"]) == {"math"} and isinstance(plan, ops.Plan)
