@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU self-checks, verification, engine sweep, baselines, profiles.
-# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile)
+# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks cold gemm_small)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -22,5 +22,18 @@ for step in "$@"; do
       for m in vit_base_patch16_224 vit_large_patch16_384; do for b in 1 256; do
         python3 tools/profile_engine.py $m ait $b 2>&1 | grep -v Warn; done; done;;
     clocks) log clocks; python3 tools/graph_vs_eager.py vit_base_patch16_224 256;;
+    cold) log "cold: one batch size compiled from an empty Triton cache and plan cache, each"
+      for spec in vit_base_patch16_224:1 vit_large_patch16_384:1 vit_base_patch16_224:256 vit_large_patch16_384:256; do
+        m=${spec%:*}; b=${spec#*:}
+        TRITON_CACHE_DIR=$(mktemp -d) python3 benchmark_ait.py --model-name "$m" --batch-size "$b" \
+          --cache-dir "$(mktemp -d)" --output-dir "$OUT/cold" 2>&1 | grep -E "ait ait batch|rror"
+        python3 -c "import json,sys; r=[r for r in json.load(open(sys.argv[1]))['rows'] if r['batch_size']==$b][-1]; print(' compile_s', r.get('compile_s'), 'plan_s', r.get('plan_s'), 'plan', r.get('plan'))" \
+          "$OUT/cold/${m}_ait_benchmark_dev_-1.json"
+      done;;
+    gemm_small) log "gemm_small: the plan's GEMM candidates (split-K forms included) at small batch"
+      python3 tools/gemm_tiles.py vit_base_patch16_224:1 vit_large_patch16_384:1 vit_base_patch16_224:4 vit_large_patch16_384:4 vit_base_patch16_224:16
+      log "gemm_small: split counts around the wave model's choice"
+      GEMM_TILES="m64n128k64w4s4x1f m64n128k64w4s4x1fsk2 m64n128k64w4s4x1fsk3 m64n128k64w4s4x1fsk5 m64n128k64w4s4x1fsk8 m64n128k64w4s4x1fsk12 m128n128k64w4s4x1fsk2 m128n128k64w4s4x1fsk3 m128n128k64w4s4x1fsk6 m128n128k64w4s4x1sk3 m128n256k64w8s3x2fsk6" \
+        python3 tools/gemm_tiles.py vit_large_patch16_384:1 vit_base_patch16_224:1;;
   esac
 done
