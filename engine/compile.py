@@ -146,7 +146,7 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
         fn = candidates[name]
         if use_graph:
             # a call of 0.2 ms or more is timed one per replay, fewer times: its launch overhead
-            # is noise, and at large batch five per replay made the plan the bulk of a compile
+            # is noise, and at large batch five per replay made the timing most of a compile
             once = _graphed(fn, 1)
             if measure(once, device, warmup_s=0, min_iters=2, max_iters=2, budget_s=0).median_ms >= 0.2:
                 return measure(once, device, warmup_s=0.01, min_iters=min_iters, max_iters=200,
@@ -215,12 +215,8 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     }, dev, use_graph)
     # each block GEMM: cuBLAS, or our Triton GEMM with one of its tiles (kernels.py)
     from modeling import kernels
-    tma_gemm = kernels.gemm_supported(dev, dtype, cfg.embed_dim, cfg.mlp_hidden, 3 * cfg.num_heads * cfg.head_dim)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
-    width = cfg.num_heads * cfg.head_dim
-
-    def tiles_for(n, k):  # the candidate tiles of one GEMM site (split-K forms depend on its shape)
-        return kernels.gemm_tiles(rows, n, k, sms) if tma_gemm else ()
+    tiles = kernels.gemm_tiles(rows) if kernels.gemm_supported(
+        dev, dtype, cfg.embed_dim, cfg.mlp_hidden, 3 * cfg.num_heads * cfg.head_dim) else ()
     h = torch.randn(rows, cfg.mlp_hidden, device=dev, dtype=dtype, generator=gen)
     qkv = torch.randn(rows, 3 * cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
     f1 = blk.fc1
@@ -229,18 +225,16 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     tanh_ok = cfg.act == "gelu_tanh" or (not options.exact_gelu and dtype != torch.float32)
     if tanh_ok:
         fc1["epilogue"] = lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue")
-    act_impl = "triton" if tanh_ok else "triton_erf"
-    triton_fc1 = {f"{act_impl}:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, act_impl, t))
-                  for t in tiles_for(cfg.mlp_hidden, cfg.embed_dim)}
+    ours = "triton" if tanh_ok else "triton_erf"
+    triton_fc1 = {f"{ours}:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, ours, t))
+                  for t in tiles}
 
-    def gemm_tiled(run_tile, n, k, accumulate=False):  # tiles whose shared memory holds this epilogue
-        return {t: (lambda t=t: run_tile(t)) for t in tiles_for(n, k) if ops.parse_gemm_tile(t).fits(accumulate)}
+    def gemm_tiled(run_tile, accumulate=False):  # tiles whose shared memory holds this epilogue
+        return {t: (lambda t=t: run_tile(t)) for t in tiles if ops.parse_gemm_tile(t).fits(accumulate)}
     w, b = blk.qkv.weight, blk.qkv.bias
-    triton_qkv = gemm_tiled(lambda tile: ops.linear(x, w, b, tile), 3 * width, cfg.embed_dim)
-    triton_proj = gemm_tiled(lambda tile: ops.residual_linear(x, a, blk.proj.weight, residual, tile),
-                             cfg.embed_dim, width, True)
-    triton_fc2 = gemm_tiled(lambda tile: ops.residual_linear(x, h, blk.fc2.weight, residual, tile),
-                            cfg.embed_dim, cfg.mlp_hidden, True)
+    triton_qkv = gemm_tiled(lambda tile: ops.linear(x, w, b, tile))
+    triton_proj = gemm_tiled(lambda tile: ops.residual_linear(x, a, blk.proj.weight, residual, tile), True)
+    triton_fc2 = gemm_tiled(lambda tile: ops.residual_linear(x, h, blk.fc2.weight, residual, tile), True)
 
     def attention_with(backend, tile=""):
         def run():
@@ -252,6 +246,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         if backend != "triton":
             sdpa[backend] = attention_with(backend)
         elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
             for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
                 triton_attention[f"triton:{tile}"] = attention_with("triton", str(tile))
     _precompile([launch for site in (triton_fc1, triton_qkv, triton_proj, triton_fc2, triton_attention)
@@ -268,7 +263,6 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, blk.fc2.weight, residual), triton_fc2)
     attention, t_attn = _fastest({**sdpa, **triton_attention}, dev, use_graph)
     attention, _, tile = attention.partition(":")
-    kernels.take_split_k_buffers()  # the timed candidates' scratch goes (the engine makes its own)
     plan = ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention, attention_tile=tile,
                     qkv_tile=qkv_tile, fc1_tile=fc1_tile, proj_tile=proj_tile, fc2_tile=fc2_tile)
     return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn, "qkv": t_qkv,
@@ -290,7 +284,6 @@ class CompiledEngine:
     _static_in: Optional[torch.Tensor] = None
     _static_out: Optional[torch.Tensor] = None
     _arena: Optional[object] = None
-    _scratch: list = field(default_factory=list)
 
     @property
     def input_shape(self):
@@ -324,8 +317,6 @@ class CompiledEngine:
             return self
         self._graph, self._static_out = capture_graph(lambda: self.model(self._static_in, self._arena), warmups=2)
         torch.cuda.synchronize()
-        from modeling import kernels
-        self._scratch = kernels.take_split_k_buffers()  # split-K scratch the graph captured: it lives with the graph
         return self
 
     @torch.no_grad()

@@ -263,48 +263,23 @@ def _gelu(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _sum_splits(acc, PARTIALS, ARRIVALS, tile, split, SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Split-K without a second launch: every split writes its float32 partial tile, counts its
-    # arrival, and the last to arrive sums all partials in split order (the same order on every
-    # run: deterministic) and goes on to the epilogue; the others skip it.
-    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    base = PARTIALS + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-    tl.store(base + split * (BLOCK_M * BLOCK_N) + offs, acc, cache_modifier=".cg")
-    tl.debug_barrier()  # all of this program's partial is written before its arrival is counted
-    arrived = tl.atomic_add(ARRIVALS + tile, 1, sem="acq_rel")
-    last = arrived == SPLIT_K - 1
-    if last:
-        acc = tl.load(base + offs, cache_modifier=".cg")  # .cg: from L2, where the others wrote
-        for s in range(1, SPLIT_K):
-            acc += tl.load(base + s * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
-        tl.atomic_xchg(ARRIVALS + tile, 0)  # counters back to zero for the next launch (and graph replay)
-    return acc, last
-
-
-@triton.jit
-def _linear_kernel(a_desc, w_desc, c_desc, BIAS, PARTIALS, ARRIVALS, M, N, K, SPLIT_K,
+def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, SPLIT_N: tl.constexpr,
                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACCUMULATE: tl.constexpr,
-                   FLATTEN: tl.constexpr, WS: tl.constexpr, SPLIT: tl.constexpr):
+                   FLATTEN: tl.constexpr, WS: tl.constexpr):
     # C = act(A @ W^T + bias), or C += A @ W^T (ACCUMULATE: the residual stream in place).
     # One program per SM walks the output tiles (grouped by GROUP_M rows of tiles so W stays in
     # L2); operand tiles move by TMA, and with FLATTEN the pipeliner issues the next tile's loads
     # while this tile's epilogue runs. The epilogue is stored in SPLIT_N column slices to keep
     # its registers and shared-memory staging small. WS asks Triton to warp-specialize the loop
     # (on Hopper: a producer warp for the TMA loads, the 8 warps split into two consumer groups).
-    # With SPLIT, each tile's K loop is split over SPLIT_K work units (small M: too few tiles to
-    # fill the GPU, and a long K loop per tile); see _sum_splits. SPLIT_K is a runtime value, so
-    # one compiled kernel serves every split count.
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
-    split_steps = tl.cdiv(k_steps, SPLIT_K)
     per_group = GROUP_M * n_n
     SLICE: tl.constexpr = BLOCK_N // SPLIT_N
-    for unit in tl.range(tl.program_id(0), n_m * n_n * SPLIT_K, PROGRAMS, flatten=FLATTEN, warp_specialize=WS):
-        tile = unit // SPLIT_K  # a tile's splits are neighbours: they run side by side
-        split = unit % SPLIT_K
+    for tile in tl.range(tl.program_id(0), n_m * n_n, PROGRAMS, flatten=FLATTEN, warp_specialize=WS):
         group = tile // per_group
         first_m = group * GROUP_M
         rows_here = min(n_m - first_m, GROUP_M)
@@ -313,30 +288,25 @@ def _linear_kernel(a_desc, w_desc, c_desc, BIAS, PARTIALS, ARRIVALS, M, N, K, SP
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        k_first = split * split_steps
-        for ks in range(k_first, min(k_first + split_steps, k_steps)):
+        for ks in range(k_steps):
             a = a_desc.load([off_m, ks * BLOCK_K])
             w = w_desc.load([off_n, ks * BLOCK_K])
             acc = tl.dot(a, w.T, acc)
-        finish = True
-        if SPLIT:
-            acc, finish = _sum_splits(acc, PARTIALS, ARRIVALS, tile, split, SPLIT_K, BLOCK_M, BLOCK_N)
-        if finish:
-            if SPLIT_N == 1:
-                parts = (acc,)
-            else:
-                parts = tl.split(acc.reshape(BLOCK_M, 2, SLICE).permute(0, 2, 1))
-            for i in tl.static_range(SPLIT_N):
-                part = parts[i]
-                cols = off_n + i * SLICE
-                if HAS_BIAS:
-                    offs = cols + tl.arange(0, SLICE)
-                    part += tl.load(BIAS + offs, mask=offs < N, other=0.0).to(tl.float32)[None, :]
-                if ACT:
-                    part = _gelu(part, ACT)
-                if ACCUMULATE:
-                    part += c_desc.load([off_m, cols]).to(tl.float32)
-                c_desc.store([off_m, cols], part.to(c_desc.dtype))
+        if SPLIT_N == 1:
+            parts = (acc,)
+        else:
+            parts = tl.split(acc.reshape(BLOCK_M, 2, SLICE).permute(0, 2, 1))
+        for i in tl.static_range(SPLIT_N):
+            part = parts[i]
+            cols = off_n + i * SLICE
+            if HAS_BIAS:
+                offs = cols + tl.arange(0, SLICE)
+                part += tl.load(BIAS + offs, mask=offs < N, other=0.0).to(tl.float32)[None, :]
+            if ACT:
+                part = _gelu(part, ACT)
+            if ACCUMULATE:
+                part += c_desc.load([off_m, cols]).to(tl.float32)
+            c_desc.store([off_m, cols], part.to(c_desc.dtype))
 
 
 @dataclass(frozen=True)
@@ -351,12 +321,11 @@ class GemmTile:
     per_sm: int = 1    # programs per SM: 2 lets one program's epilogue overlap the other's mainloop
     group_m: int = 8
     ws: bool = False   # Triton's automatic warp specialization of the tile loop (8-warp tiles on Hopper)
-    split_k: int = 1   # work units per output tile, each a slice of K (see _sum_splits)
 
     def __str__(self):
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.warps}s{self.stages}"
                 f"x{self.split_n}{'f' if self.flatten else ''}{f'o{self.per_sm}' if self.per_sm > 1 else ''}"
-                f"{'ws' if self.ws else ''}{f'sk{self.split_k}' if self.split_k > 1 else ''}")
+                f"{'ws' if self.ws else ''}")
 
     def fits(self, accumulate: bool, shared_bytes: int = 232448) -> bool:
         """Whether the operand ring and the epilogue staging (twice for the in-place residual,
@@ -374,39 +343,18 @@ GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n256k64
                         "m64n128k64w4s4x1f", "m64n128k64w4s3x1fo2", "m128n64k64w4s3x1fo2")
 
 
-# Tiles whose K loop is split when a small-M GEMM has too few tiles to fill the GPU.
-SPLIT_K_BASES = ("m64n128k64w4s4x1f", "m128n128k64w4s4x1f")
-
-
-def split_k_for(tile: GemmTile, rows: int, n: int, k: int, sms: int = 132) -> int:
-    """The split of K that a wave model says finishes soonest: each work unit costs its K steps
-    plus about one for pipeline fill and epilogue, units run in waves of `sms` programs, and a
-    split adds one for the partials' round trip. At least 4 K steps per split, at most 16 splits."""
-    tiles = triton.cdiv(rows, tile.block_m) * triton.cdiv(n, tile.block_n)
-    steps = triton.cdiv(k, tile.block_k)
-
-    def cost(split):
-        waves = triton.cdiv(tiles * split, sms * tile.per_sm)
-        return waves * (triton.cdiv(steps, split) + 1) + (split > 1)
-    return min(range(1, max(1, min(16, steps // 4)) + 1), key=cost)
-
-
-def gemm_tiles(rows: int, n: int = 0, k: int = 0, sms: int = 132) -> tuple:
-    """The candidate tiles worth timing for a (rows x k) @ (k x n) GEMM: from 8192 rows on, only
-    the 128-row tiles one program per SM ever won (the others cost the plan time and never win);
-    below, every candidate, plus (given n and k) the split-K form of SPLIT_K_BASES where the wave
-    model says splitting K pays."""
+def gemm_tiles(rows: int) -> tuple:
+    """The candidate tiles worth timing for a GEMM of `rows` rows. Each tile is a kernel to compile
+    (~1 s from a cold cache) and time, so only those that ever won at such sizes: from 8192 rows,
+    the 128-row tiles one program per SM; below 1024 rows (ViT-B/16 batch 1-4, ViT-L/16 batch 1),
+    the tiles at most 128 columns wide (tools/gemm_tiles.py: the 128x256 tiles trail there by 30-100%)."""
     from .ops import parse_gemm_tile
+    tiles = [parse_gemm_tile(t) for t in GEMM_TILE_CANDIDATES]
     if rows >= 8192:
-        return tuple(t for t in GEMM_TILE_CANDIDATES
-                     if parse_gemm_tile(t).block_m == 128 and parse_gemm_tile(t).per_sm == 1)
-    split = []
-    for text in SPLIT_K_BASES if n and k else ():
-        tile = parse_gemm_tile(text)
-        ways = split_k_for(tile, rows, n, k, sms)
-        if ways > 1:
-            split.append(f"{text}sk{ways}")
-    return GEMM_TILE_CANDIDATES + tuple(split)
+        return tuple(str(t) for t in tiles if t.block_m == 128 and t.per_sm == 1)
+    if rows < 1024:
+        return tuple(str(t) for t in tiles if t.block_n <= 128)
+    return GEMM_TILE_CANDIDATES
 
 
 def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
@@ -432,38 +380,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     c_desc = TensorDescriptor.from_tensor(out, [tile.block_m, tile.block_n // tile.split_n])
     tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    programs = min(sms * tile.per_sm, tiles * tile.split_k)
-    partials = arrivals = weight  # placeholders: unused without split-K
-    if tile.split_k > 1:
-        partials, arrivals = split_k_buffers(x.device, tiles, tile.split_k * tile.block_m * tile.block_n)
+    programs = min(sms * tile.per_sm, tiles)
     _launch(
-        _linear_kernel, (programs,), a_desc, w_desc, c_desc, bias if bias is not None else weight, partials, arrivals,
-        M, N, K, tile.split_k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
+        _linear_kernel, (programs,), a_desc, w_desc, c_desc, bias if bias is not None else weight, M, N, K,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         PROGRAMS=programs, SPLIT_N=tile.split_n, HAS_BIAS=bias is not None,
         ACT={"": 0, "gelu": 1, "gelu_tanh": 3 if x.is_cuda else 2}[act], ACCUMULATE=accumulate, FLATTEN=tile.flatten,
-        WS=tile.ws, SPLIT=tile.split_k > 1,
+        WS=tile.ws,
         num_warps=tile.warps, num_stages=tile.stages)
     return out
-
-
-_SPLIT_K_BUFFERS = {}
-
-
-def split_k_buffers(device: torch.device, tiles: int, tile_floats: int) -> tuple:
-    """The float32 partial tiles and zeroed arrival counters of a split-K launch. One pair per
-    (device, shape) for the life of the process, never reallocated: a CUDA graph keeps the
-    addresses it captured. GEMMs of one shape share them, which is safe because launches on one
-    stream run one after another and each leaves its counters at zero."""
-    key = (str(device), tiles, tile_floats)
-    if key not in _SPLIT_K_BUFFERS:
-        _SPLIT_K_BUFFERS[key] = (torch.empty(tiles * tile_floats, device=device, dtype=torch.float32),
-                                 torch.zeros(tiles, device=device, dtype=torch.int32))
-    return _SPLIT_K_BUFFERS[key]
-
-
-def take_split_k_buffers() -> list:
-    """Hand over the split-K buffers made so far and forget them: the plan drops those of the
-    candidates it timed, and an engine keeps those its graph captured (later launches make new ones)."""
-    taken = list(_SPLIT_K_BUFFERS.values())
-    _SPLIT_K_BUFFERS.clear()
-    return taken

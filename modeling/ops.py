@@ -117,14 +117,13 @@ def layer_norm(x, weight, bias, eps, shift=None, impl="torch", out=None):
 @functools.lru_cache(maxsize=None)  # called on every forward outside a CUDA graph
 def parse_gemm_tile(text: str, what: str = "gemm tile"):
     """"m128n256k64w8s3x2f" -> kernels.GemmTile (block m/n/k, warps, stages, epilogue slices,
-    f: flattened persistent loop, o2: two programs per SM, ws: warp-specialized, sk3: K split in 3);
-    ValueError when malformed."""
-    m = re.fullmatch(r"m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)x([12])(f?)(?:o([12]))?(ws)?(?:sk([2-9]|1[0-6]))?", text)
+    f: flattened persistent loop, o2: two programs per SM, ws: warp-specialized); ValueError when malformed."""
+    m = re.fullmatch(r"m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)x([12])(f?)(?:o([12]))?(ws)?", text)
     if not m or int(m[2]) % int(m[6]):
         raise ValueError(f"plan.{what}={text!r}; expected like m128n256k64w8s3x2f")
     from .kernels import GemmTile
     return GemmTile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]), int(m[6]), bool(m[7]), int(m[8] or 1),
-                    ws=bool(m[9]), split_k=int(m[10] or 1))
+                    ws=bool(m[9]))
 
 
 def linear(x, weight, bias, tile="", out=None):

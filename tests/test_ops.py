@@ -101,8 +101,6 @@ def test_plan_rejects_unknown_impl():
     (33, 200, 48, "m32n64k32w4s2x2"),    # two epilogue slices, ragged N, nested loop
     (64, 64, 64, "m64n64k64w4s3x1f"),    # one tile
     (150, 72, 40, "m32n32k16w4s2x2fws"),  # warp-specialized tile loop (a hint; the same math)
-    (197, 96, 200, "m32n32k16w4s2x1fsk3"),  # K split in 3 uneven slices (13 steps: 5, 5, 3)
-    (40, 64, 48, "m32n64k16w4s2x2sk4"),   # more splits than K steps: the last slice is empty
 ])
 def test_triton_gemm_matches_reference(rows, n, k, tile):
     g = torch.Generator().manual_seed(rows + n + k)
@@ -124,25 +122,6 @@ def test_triton_gemm_matches_reference(rows, n, k, tile):
     assert _rel(ops.linear(h, w.half(), b.half(), tile).float(), ops.linear(x, w, b)) < 2e-3
 
 
-def test_split_k_gemm_is_deterministic_and_resets_its_counters():
-    """The last split to arrive sums the partials in split order, so repeats agree bit for bit,
-    and the arrival counters are back at zero after each launch (a graph replays it as is)."""
-    from modeling import kernels
-    g = torch.Generator().manual_seed(5)
-    x, w = torch.randn(70, 304, generator=g), torch.randn(96, 304, generator=g)
-    tile = ops.parse_gemm_tile("m32n32k16w4s2x1sk5")
-    first = kernels.linear(x, w, tile=tile)
-    tiles = 3 * 3
-    _, arrivals = kernels.split_k_buffers(x.device, tiles, 5 * 32 * 32)
-    assert int(arrivals.abs().sum()) == 0
-    assert torch.equal(kernels.linear(x, w, tile=tile), first)
-    assert _rel(first, x @ w.t()) < 1e-5
-    stream = torch.randn(70, 96, generator=g)
-    want = stream + x @ w.t()
-    kernels.linear(x, w, out=stream, accumulate=True, tile=tile)
-    assert _rel(stream, want) < 1e-5 and int(arrivals.abs().sum()) == 0
-
-
 def test_gemm_tiles_parse_and_validate():
     tile = ops.parse_gemm_tile("m128n256k64w8s3x2f")
     assert (tile.block_m, tile.block_n, tile.block_k, tile.warps, tile.stages, tile.split_n, tile.flatten) == \
@@ -152,11 +131,6 @@ def test_gemm_tiles_parse_and_validate():
     assert two.per_sm == 2 and str(two) == "m64n128k64w4s3x1fo2"
     ws = ops.parse_gemm_tile("m128n256k64w8s3x2fws")
     assert ws.ws and not tile.ws and str(ws) == "m128n256k64w8s3x2fws"
-    split = ops.parse_gemm_tile("m64n128k64w4s4x1fsk3")
-    assert split.split_k == 3 and tile.split_k == 1 and str(split) == "m64n128k64w4s4x1fsk3"
-    for bad in ("m64n128k64w4s4x1fsk1", "m64n128k64w4s4x1fsk"):
-        with pytest.raises(ValueError):
-            ops.parse_gemm_tile(bad)
     # the H100 said: 262,192 bytes of shared memory for the 4-stage 128x256 tile accumulating in place
     deep = ops.parse_gemm_tile("m128n256k64w8s4x2f")
     assert deep.fits(accumulate=False) and not deep.fits(accumulate=True) and tile.fits(accumulate=True)
@@ -168,6 +142,17 @@ def test_gemm_tiles_parse_and_validate():
         ops.Plan(mlp_act="triton")
     with pytest.raises(ValueError, match="fc1_tile"):
         ops.Plan(mlp_act="epilogue", fc1_tile="m64n128k64w4s3x1f")
+
+
+def test_gemm_candidates_narrow_with_the_shape():
+    """Small GEMMs time only the tiles at most 128 wide, large ones only one 128-row program per
+    SM, mid-size ones all: every list is a subset of the candidates and none is empty."""
+    from modeling import kernels
+    small, mid, large = (set(kernels.gemm_tiles(r)) for r in (196, 4096, 50176))
+    assert small < mid and large < mid and mid == set(kernels.GEMM_TILE_CANDIDATES)
+    assert all(ops.parse_gemm_tile(t).block_n <= 128 for t in small)
+    assert all(ops.parse_gemm_tile(t).block_m == 128 and ops.parse_gemm_tile(t).per_sm == 1 for t in large)
+    assert "m64n128k64w4s4x1f" in small and "m128n256k64w8s3x2f" in large
 
 
 @pytest.mark.parametrize("plan", [

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU self-checks, verification, engine sweep, baselines, profiles.
-# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks cold gemm_small)
+# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks cold)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -30,10 +30,5 @@ for step in "$@"; do
         python3 -c "import json,sys; r=[r for r in json.load(open(sys.argv[1]))['rows'] if r['batch_size']==$b][-1]; print(' compile_s', r.get('compile_s'), 'plan_s', r.get('plan_s'), 'plan', r.get('plan'))" \
           "$OUT/cold/${m}_ait_benchmark_dev_-1.json"
       done;;
-    gemm_small) log "gemm_small: the plan's GEMM candidates (split-K forms included) at small batch"
-      python3 tools/gemm_tiles.py vit_base_patch16_224:1 vit_large_patch16_384:1 vit_base_patch16_224:4 vit_large_patch16_384:4 vit_base_patch16_224:16
-      log "gemm_small: split counts around the wave model's choice"
-      GEMM_TILES="m64n128k64w4s4x1f m64n128k64w4s4x1fsk2 m64n128k64w4s4x1fsk3 m64n128k64w4s4x1fsk5 m64n128k64w4s4x1fsk8 m64n128k64w4s4x1fsk12 m128n128k64w4s4x1fsk2 m128n128k64w4s4x1fsk3 m128n128k64w4s4x1fsk6 m128n128k64w4s4x1sk3 m128n256k64w8s3x2fsk6" \
-        python3 tools/gemm_tiles.py vit_large_patch16_384:1 vit_base_patch16_224:1;;
   esac
 done
