@@ -138,7 +138,9 @@ def _pingpong_kernel(a_desc, w_desc, c_desc, C, BIAS, M, N, K, HAS_BIAS: gl.cons
             HAS_BIAS, ACT, ACCUMULATE, GROUP_M)
     # the loader is the default partition (its 4 warps issue the loads from one thread): Triton
     # 3.6 fails to lower a register-to-shared store in the default partition, which the
-    # consumers' epilogue needs; the consumers get 232 registers a thread, the loader the rest
+    # consumers' epilogue needs; the consumers get 232 registers a thread, the loader what is
+    # left of maxnreg=168 x 384 threads (40). With maxnreg=128 nothing is left for the loader:
+    # the consumers' setmaxnreg.inc waits forever (a hang measured on the H100)
     gl.warp_specialize([(_loader, args), (_consume_first, args), (_consume_second, args)], [4, 4], [232, 232])
 
 
@@ -166,7 +168,7 @@ def pingpong_linear(x, weight, bias=None, act="", out=None, accumulate=False, st
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     _pingpong_kernel[(min(sms, tiles),)](
         a_desc, w_desc, c_desc, out, bias if bias is not None else out, M, N, K, bias is not None,
-        {"": 0, "gelu": 1, "gelu_tanh": 3}[act], accumulate, group_m, stages, num_warps=4, maxnreg=128)
+        {"": 0, "gelu": 1, "gelu_tanh": 3}[act], accumulate, group_m, stages, num_warps=4, maxnreg=168)
     return out
 
 
@@ -186,7 +188,7 @@ def compile_only():
         sig.update({k: "constexpr" for k in const})
         t0 = time.time()
         out = triton.compile(GluonASTSource(_pingpong_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": 4, "maxnreg": 128})
+                             options={"num_warps": 4, "maxnreg": 168})
         print(f"bias={has_bias} act={act} accumulate={acc}: compiled in {time.time() - t0:.1f} s, "
               f"shared {out.metadata.shared} B")
 
