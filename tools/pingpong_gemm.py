@@ -34,7 +34,8 @@ def _tile_origin(tile, n_m, n_n, GROUP_M: gl.constexpr, BM: gl.constexpr, BN: gl
 
 @gluon.jit
 def _loader(a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
-            HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr):
+            HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr,
+            DEBUG: gl.constexpr):
     # the A and W tiles of every K step of every tile of this program, in order,
     # into a ring of STAGES slots; a slot is reused once its consumer marks it empty
     BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -58,7 +59,8 @@ def _loader(a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, emp
 
 @gluon.jit
 def _consume(which: gl.constexpr, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
-             HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr):
+             HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr,
+             DEBUG: gl.constexpr):
     # one warpgroup: this program's tiles number which, which + 2, ...; the other warpgroup
     # takes the rest, so one's epilogue runs while the other's MMAs do
     BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -72,7 +74,11 @@ def _consume(which: gl.constexpr, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_rin
     programs = gl.num_programs(0)
     first = gl.program_id(0)
     staged = c_stage.index(which)
-    for tile in range(first + which * programs, n_m * n_n, 2 * programs):
+    share: gl.constexpr = 1 if DEBUG == 2 else 2  # DEBUG 2: the first warpgroup takes every tile
+    start = first + which * programs
+    if DEBUG == 2 and which == 1:
+        start = n_m * n_n
+    for tile in range(start, n_m * n_n, share * programs):
         off_m, off_n = _tile_origin(tile, n_m, n_n, GROUP_M, BM, BN)
         step0 = ((tile - first) // programs) * k_steps  # this tile's first slot in the loader's order
         acc = gl.zeros([BM, BN], gl.float32, layout)
@@ -102,30 +108,33 @@ def _consume(which: gl.constexpr, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_rin
             ptrs = C + gl.expand_dims(rows.to(gl.int64) * N, 1) + gl.expand_dims(cols, 0)
             ok = gl.expand_dims(rows < M, 1) & gl.expand_dims(cols < N, 0)
             acc = acc + gl.load(ptrs, mask=ok, other=0.0).to(gl.float32)
-        tma.store_wait(0)  # this warpgroup's previous store has left the staging buffer
-        staged.store(acc.to(c_desc.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(c_desc, [off_m, off_n], staged)
+        if DEBUG != 1:  # DEBUG 1: no store
+            tma.store_wait(0)  # this warpgroup's previous store has left the staging buffer
+            staged.store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [off_m, off_n], staged)
     tma.store_wait(0)
 
 
 @gluon.jit
 def _consume_first(a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
-                   HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr):
+                   HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr,
+                   DEBUG: gl.constexpr):
     _consume(0, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
-             HAS_BIAS, ACT, ACCUMULATE, GROUP_M)
+             HAS_BIAS, ACT, ACCUMULATE, GROUP_M, DEBUG)
 
 
 @gluon.jit
 def _consume_second(a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
-                    HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr):
+                    HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr,
+                    DEBUG: gl.constexpr):
     _consume(1, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
-             HAS_BIAS, ACT, ACCUMULATE, GROUP_M)
+             HAS_BIAS, ACT, ACCUMULATE, GROUP_M, DEBUG)
 
 
 @gluon.jit
 def _pingpong_kernel(a_desc, w_desc, c_desc, C, BIAS, M, N, K, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
-                     ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+                     ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, DEBUG: gl.constexpr):
     a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     c_stage = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
@@ -135,7 +144,7 @@ def _pingpong_kernel(a_desc, w_desc, c_desc, C, BIAS, M, N, K, HAS_BIAS: gl.cons
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
     args = (a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
-            HAS_BIAS, ACT, ACCUMULATE, GROUP_M)
+            HAS_BIAS, ACT, ACCUMULATE, GROUP_M, DEBUG)
     # the loader is the default partition (its 4 warps issue the loads from one thread): Triton
     # 3.6 fails to lower a register-to-shared store in the default partition, which the
     # consumers' epilogue needs; the consumers get 232 registers a thread, the loader what is
@@ -152,7 +161,7 @@ def _layouts(dtype):
             NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gdt))
 
 
-def pingpong_linear(x, weight, bias=None, act="", out=None, accumulate=False, stages=4, group_m=8):
+def pingpong_linear(x, weight, bias=None, act="", out=None, accumulate=False, stages=4, group_m=8, debug=0):
     """act(x @ weight.T + bias), or out += x @ weight.T (accumulate); float16/bfloat16, rows contiguous."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -168,7 +177,7 @@ def pingpong_linear(x, weight, bias=None, act="", out=None, accumulate=False, st
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     _pingpong_kernel[(min(sms, tiles),)](
         a_desc, w_desc, c_desc, out, bias if bias is not None else out, M, N, K, bias is not None,
-        {"": 0, "gelu": 1, "gelu_tanh": 3}[act], accumulate, group_m, stages, num_warps=4, maxnreg=168)
+        {"": 0, "gelu": 1, "gelu_tanh": 3}[act], accumulate, group_m, stages, debug, num_warps=4, maxnreg=168)
     return out
 
 
@@ -184,7 +193,7 @@ def compile_only():
                "w_desc": f"tensordesc<fp16[{BLOCK_N}, {BLOCK_K}],{w_l!r}>",
                "c_desc": f"tensordesc<fp16[{BLOCK_M}, {BLOCK_N}],{c_l!r}>",
                "C": "*fp16", "BIAS": "*fp16", "M": "i32", "N": "i32", "K": "i32"}
-        const = dict(HAS_BIAS=has_bias, ACT=act, ACCUMULATE=acc, GROUP_M=8, STAGES=4)
+        const = dict(HAS_BIAS=has_bias, ACT=act, ACCUMULATE=acc, GROUP_M=8, STAGES=4, DEBUG=0)
         sig.update({k: "constexpr" for k in const})
         t0 = time.time()
         out = triton.compile(GluonASTSource(_pingpong_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
@@ -249,8 +258,27 @@ def main(shapes):
             sys.stdout.flush()
 
 
+def smoke(debug, bias=False, act="", M=384, N=512, K=256):
+    """One GEMM checked against torch (a crash here poisons the process: run each alone)."""
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", generator=g).half()
+    w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).half()
+    b = torch.randn(N, device="cuda", generator=g).half() if bias else None
+    got = pingpong_linear(x, w, b, act, debug=debug)
+    torch.cuda.synchronize()
+    want = x.float() @ w.float().t() + (b.float() if bias else 0)
+    if act:
+        want = torch.nn.functional.gelu(want, approximate="tanh")
+    err = ((got.float() - want).norm() / want.norm()).item()
+    print(f"smoke debug={debug} bias={bias} act={act!r} {M}x{N}x{K}: rel err {err:.1e}")
+
+
 if __name__ == "__main__":
-    if "--compile-only" in sys.argv:
+    if "--smoke" in sys.argv:  # --smoke DEBUG BIAS ACT M N K
+        d, b, a, m, n, k = sys.argv[sys.argv.index("--smoke") + 1:]
+        smoke(int(d), b == "1", "" if a == "-" else a, int(m), int(n), int(k))
+    elif "--compile-only" in sys.argv:
         compile_only()
     else:
         main([a.split(":") for a in sys.argv[1:]] or [("vit_base_patch16_224", 256), ("vit_large_patch16_384", 256),
