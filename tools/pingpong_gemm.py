@@ -33,7 +33,7 @@ def _tile_origin(tile, n_m, n_n, GROUP_M: gl.constexpr, BM: gl.constexpr, BN: gl
 
 
 @gluon.jit
-def _loader(a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
+def _loader(a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, turn, M, N, K,
             HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr,
             DEBUG: gl.constexpr):
     # the A and W tiles of every K step of every tile of this program, in order,
@@ -58,7 +58,7 @@ def _loader(a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, emp
 
 
 @gluon.jit
-def _consume(which: gl.constexpr, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
+def _consume(which: gl.constexpr, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, turn, M, N, K,
              HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr,
              DEBUG: gl.constexpr):
     # one warpgroup: this program's tiles number which, which + 2, ...; the other warpgroup
@@ -78,10 +78,16 @@ def _consume(which: gl.constexpr, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_rin
     start = first + which * programs
     if DEBUG == 2 and which == 1:
         start = n_m * n_n
+    done = 0
     for tile in range(start, n_m * n_n, share * programs):
         off_m, off_n = _tile_origin(tile, n_m, n_n, GROUP_M, BM, BN)
         step0 = ((tile - first) // programs) * k_steps  # this tile's first slot in the loader's order
         acc = gl.zeros([BM, BN], gl.float32, layout)
+        # the two mainloops take turns, so the ring's slots are consumed in the loader's order: a
+        # consumer that ran two phases ahead on a slot would take a stale phase for its own
+        # (parity waits alias; measured: wrong results without the turns)
+        if DEBUG != 2:
+            mbarrier.wait(turn.index(which), (done & 1) ^ (1 - which))
         for ks in range(k_steps):
             step = step0 + ks
             slot = step % STAGES
@@ -90,6 +96,9 @@ def _consume(which: gl.constexpr, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_rin
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
             # the previous step's MMA has finished reading its slot
             mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), count=1, pred=ks > 0)
+        if DEBUG != 2:
+            mbarrier.arrive(turn.index(1 - which), count=1)  # its MMAs are issued: the other's turn
+        done += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(empty.index((step0 + k_steps - 1) % STAGES), count=1)
 
@@ -117,18 +126,18 @@ def _consume(which: gl.constexpr, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_rin
 
 
 @gluon.jit
-def _consume_first(a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
+def _consume_first(a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, turn, M, N, K,
                    HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr,
                    DEBUG: gl.constexpr):
-    _consume(0, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
+    _consume(0, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, turn, M, N, K,
              HAS_BIAS, ACT, ACCUMULATE, GROUP_M, DEBUG)
 
 
 @gluon.jit
-def _consume_second(a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
+def _consume_second(a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, turn, M, N, K,
                     HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr,
                     DEBUG: gl.constexpr):
-    _consume(1, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
+    _consume(1, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, turn, M, N, K,
              HAS_BIAS, ACT, ACCUMULATE, GROUP_M, DEBUG)
 
 
@@ -140,10 +149,13 @@ def _pingpong_kernel(a_desc, w_desc, c_desc, C, BIAS, M, N, K, HAS_BIAS: gl.cons
     c_stage = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
-    args = (a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, M, N, K,
+    args = (a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, turn, M, N, K,
             HAS_BIAS, ACT, ACCUMULATE, GROUP_M, DEBUG)
     # the loader is the default partition (its 4 warps issue the loads from one thread): Triton
     # 3.6 fails to lower a register-to-shared store in the default partition, which the
