@@ -8,6 +8,10 @@ keeps a ring of TMA loads ahead of both (CUTLASS's "ping-pong" schedule, written
 the idea, not the code). Gluon kernels cannot run on the CPU interpreter, so
 this stays a GPU-side probe until it wins.
 
+Written against Triton 3.6's Gluon (the H100 machine's); Gluon is experimental and moves: Triton
+3.9 (what pip installs here) renamed tma.async_copy_global_to_shared to async_load, so this file
+does not compile there.
+
     python3 tools/pingpong_gemm.py [MODEL:BATCH ...]      (GPU)
     python3 tools/pingpong_gemm.py --compile-only         (CPU: compiles for sm_90, no GPU needed)
 """
