@@ -185,6 +185,36 @@ def test_plan_choice_outvotes_a_transient_slowdown():
     assert name == "steady"
 
 
+def test_plan_times_long_calls_one_per_graph_replay():
+    """In graphs, a call of 0.2 ms or more is timed one per replay (its time is the replay's), a
+    shorter one five per replay (the replay's time / 5): the per-call times compare either way."""
+    from unittest import mock
+
+    from engine import compile as comp
+    from engine.timing import Timing
+    per_call = {"long": 0.5, "short": 0.01}
+    graphed = []
+
+    def fake_graphed(fn, calls=5):
+        graphed.append((fn.__name__, calls))
+        return (fn, calls)
+
+    def fake_measure(run, device, **kwargs):
+        fn, calls = run
+        ms = per_call[fn.__name__] * calls
+        return Timing(ms, ms, ms, ms, 10)
+
+    def long():
+        pass
+
+    def short():
+        pass
+    with mock.patch.object(comp, "_graphed", fake_graphed), mock.patch.object(comp, "measure", fake_measure):
+        name, times = comp._fastest({"long": long, "short": short}, torch.device("cpu"), use_graph=True)
+    assert name == "short" and times == {"long": 0.5, "short": 0.01}
+    assert ("long", 1) in graphed and ("long", 5) not in graphed and ("short", 5) in graphed
+
+
 def test_choose_plan_times_every_candidate_of_every_site():
     """The whole plan search on the CPU interpreter (float16 micro model, no graphs): each GEMM site
     times cuBLAS and every candidate tile, the in-place residual sites only the tiles whose shared
