@@ -260,8 +260,9 @@ def main(shapes):
                 ref = lambda: torch.nn.functional.linear(a, w, b)  # noqa: E731
             rows = [("cuBLAS", timed(ref))]
             rows.append(("pingpong s4", timed(lambda: pingpong_linear(a, w, b, act, out=out, accumulate=acc))))
-            rows.append(("pingpong s3", timed(lambda: pingpong_linear(a, w, b, act, out=out, accumulate=acc,
-                                                                       stages=3))))
+            for stages, group in ((3, 8), (5, 8), (4, 16)):
+                rows.append((f"pingpong s{stages}g{group}", timed(lambda s=stages, g=group: pingpong_linear(
+                    a, w, b, act, out=out, accumulate=acc, stages=s, group_m=g))))
             for t in ("m128n256k64w8s3x2f", "m128n256k64w8s3x2fws", "m128n128k64w4s4x1f"):
                 tile = parse_gemm_tile(t)
                 if acc and not tile.fits(True):
