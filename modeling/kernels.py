@@ -347,7 +347,8 @@ def gemm_tiles(rows: int) -> tuple:
     """The candidate tiles worth timing for a GEMM of `rows` rows. Each tile is a kernel to compile
     (~1 s from a cold cache) and time, so only those that ever won at such sizes: from 8192 rows,
     the 128-row tiles one program per SM; below 1024 rows (ViT-B/16 batch 1-4, ViT-L/16 batch 1),
-    the tiles at most 128 columns wide (tools/gemm_tiles.py: the 128x256 tiles trail there by 30-100%)."""
+    the tiles at most 128 columns wide (tools/gemm_tiles.py: the 128x256 tiles trail the
+    narrower ones there by 30% to 2.5x)."""
     from .ops import parse_gemm_tile
     tiles = [parse_gemm_tile(t) for t in GEMM_TILE_CANDIDATES]
     if rows >= 8192:
