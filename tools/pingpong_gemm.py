@@ -129,6 +129,8 @@ def _consume(which: gl.constexpr, a_desc, w_desc, c_desc, C, BIAS, a_ring, w_rin
     tma.store_wait(0)
 
 
+# Every worker partition receives the same arguments, so the two consumers differ only by which
+# of these wrappers runs: the repetition is the API's, not an oversight.
 @gluon.jit
 def _consume_first(a_desc, w_desc, c_desc, C, BIAS, a_ring, w_ring, c_stage, ready, empty, turn, M, N, K,
                    HAS_BIAS: gl.constexpr, ACT: gl.constexpr, ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr,
