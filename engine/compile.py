@@ -140,21 +140,25 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
     times, and keep the median of their timings: sequential timings drift with the GPU's clock
     under its power cap, one short timing each flipped choices a few percent apart between runs,
     and one transient once timed cuBLASLt's GELU epilogue 40% slow and lost it the plan."""
-    times = {}
+    times, calls = {}, {}
 
     def time_one(name, budget_s, min_iters=10):
         fn = candidates[name]
-        if use_graph:
+        if not use_graph:
+            return measure(fn, device, warmup_s=0.03, min_iters=min_iters, max_iters=200, budget_s=budget_s).median_ms
+        run = None
+        if name not in calls:
             # a call of 0.2 ms or more is timed one per replay, fewer times: its launch overhead
             # is noise, and at large batch five per replay made the timing most of a compile
-            once = _graphed(fn, 1)
-            if measure(once, device, warmup_s=0, min_iters=2, max_iters=2, budget_s=0).median_ms >= 0.2:
-                return measure(once, device, warmup_s=0.01, min_iters=min_iters, max_iters=200,
-                               budget_s=budget_s / 3).median_ms
-            del once
-            return measure(_graphed(fn, 5), device, warmup_s=0.03, min_iters=min_iters, max_iters=200,
-                           budget_s=budget_s).median_ms / 5
-        return measure(fn, device, warmup_s=0.03, min_iters=min_iters, max_iters=200, budget_s=budget_s).median_ms
+            # (decided once per candidate; the re-timing rounds reuse the decision)
+            run = _graphed(fn, 1)
+            long = measure(run, device, warmup_s=0, min_iters=2, max_iters=2, budget_s=0).median_ms >= 0.2
+            calls[name] = 1 if long else 5
+        n = calls[name]
+        if run is None or n != 1:
+            run = _graphed(fn, n)
+        return measure(run, device, warmup_s=0.01 if n == 1 else 0.03, min_iters=min_iters, max_iters=200,
+                       budget_s=budget_s / 3 if n == 1 else budget_s).median_ms / n
     for name in candidates:
         try:
             times[name] = time_one(name, 0.12)
