@@ -322,7 +322,7 @@ def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K,
 
 
 @triton.jit
-def _linear_split_k_kernel(a_desc, w_desc, c_desc, BIAS, PARTIALS, ARRIVALS, M, N, K, SPLIT_K,
+def _linear_split_k_kernel(a_desc, w_desc, c_desc, BIAS, PARTIALS, ARRIVALS, M, N, K, SPLIT_K: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SPLIT_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                            ACCUMULATE: tl.constexpr):
@@ -332,6 +332,8 @@ def _linear_split_k_kernel(a_desc, w_desc, c_desc, BIAS, PARTIALS, ARRIVALS, M, 
     # to arrive adds the partials in split order (the same order whoever is last: deterministic),
     # its own from registers, and runs the epilogue. No program waits on another, so any number of
     # them may run at once. The counters are left at zero for the next launch (and graph replay).
+    # After the K loop every step is a round trip to L2 (~1 us): the partials' loads are unrolled
+    # (SPLIT_K is a constexpr) so they travel together, not one split after another.
     tile = tl.program_id(0)
     split = tl.program_id(1)
     n_n = tl.cdiv(N, BLOCK_N)
@@ -352,10 +354,10 @@ def _linear_split_k_kernel(a_desc, w_desc, c_desc, BIAS, PARTIALS, ARRIVALS, M, 
         tl.store(slots + split * (BLOCK_M * BLOCK_N) + i * SLICE + offs, parts[i])
     tl.debug_barrier()  # every thread's stores issued before the arrival (a release) counts them
     if tl.atomic_add(ARRIVALS + tile, 1, sem="acq_rel") == SPLIT_K - 1:
-        tl.atomic_xchg(ARRIVALS + tile, 0)
+        tl.store(ARRIVALS + tile, 0)  # nobody else reads it again in this launch
         for i in tl.static_range(SPLIT_N):
             total = tl.zeros([BLOCK_M, SLICE], tl.float32)
-            for s in range(SPLIT_K):
+            for s in tl.static_range(SPLIT_K):
                 index = tl.full([BLOCK_M, SLICE], s, tl.int32)
                 theirs = tl.load(slots + s * (BLOCK_M * BLOCK_N) + i * SLICE + offs, mask=index != split,
                                  other=0.0, cache_modifier=".cg")  # from L2: written by other SMs
@@ -476,7 +478,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         arrivals = scratch[:_COUNTER_BYTES].view(torch.int32)
         partials = scratch[_COUNTER_BYTES:need].view(torch.float32)
         _launch(_linear_split_k_kernel, (tiles, tile.split_k), a_desc, w_desc, c_desc, bias, partials, arrivals,
-                M, N, K, tile.split_k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+                M, N, K, SPLIT_K=tile.split_k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                 **epilogue, num_warps=tile.warps, num_stages=tile.stages)
         return out
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
