@@ -24,8 +24,7 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "5"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
-# 5: split-K tiles
+ENGINE_VERSION = "4"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -220,12 +219,8 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     }, dev, use_graph)
     # each block GEMM: cuBLAS, or our Triton GEMM with one of its tiles (kernels.py)
     from modeling import kernels
-    tma_gemm = kernels.gemm_supported(dev, dtype, cfg.embed_dim, cfg.mlp_hidden, 3 * cfg.num_heads * cfg.head_dim)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
-    inner = cfg.num_heads * cfg.head_dim
-
-    def tiles(n, k):  # the tiles worth timing for one GEMM site (its split-K forms depend on n and k)
-        return kernels.gemm_tiles(rows, n, k, sms) if tma_gemm else ()
+    tiles = kernels.gemm_tiles(rows) if kernels.gemm_supported(
+        dev, dtype, cfg.embed_dim, cfg.mlp_hidden, 3 * cfg.num_heads * cfg.head_dim) else ()
     h = torch.randn(rows, cfg.mlp_hidden, device=dev, dtype=dtype, generator=gen)
     qkv = torch.randn(rows, 3 * cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
     f1 = blk.fc1
@@ -236,16 +231,14 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         fc1["epilogue"] = lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue")
     ours = "triton" if tanh_ok else "triton_erf"
     triton_fc1 = {f"{ours}:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, ours, t))
-                  for t in tiles(cfg.mlp_hidden, cfg.embed_dim)}
+                  for t in tiles}
 
-    def gemm_tiled(run_tile, n, k, accumulate=False):  # tiles whose shared memory holds this epilogue
-        return {t: (lambda t=t: run_tile(t)) for t in tiles(n, k) if ops.parse_gemm_tile(t).fits(accumulate)}
+    def gemm_tiled(run_tile, accumulate=False):  # tiles whose shared memory holds this epilogue
+        return {t: (lambda t=t: run_tile(t)) for t in tiles if ops.parse_gemm_tile(t).fits(accumulate)}
     w, b = blk.qkv.weight, blk.qkv.bias
-    triton_qkv = gemm_tiled(lambda tile: ops.linear(x, w, b, tile), 3 * inner, cfg.embed_dim)
-    triton_proj = gemm_tiled(lambda tile: ops.residual_linear(x, a, blk.proj.weight, residual, tile),
-                             cfg.embed_dim, inner, True)
-    triton_fc2 = gemm_tiled(lambda tile: ops.residual_linear(x, h, blk.fc2.weight, residual, tile),
-                            cfg.embed_dim, cfg.mlp_hidden, True)
+    triton_qkv = gemm_tiled(lambda tile: ops.linear(x, w, b, tile))
+    triton_proj = gemm_tiled(lambda tile: ops.residual_linear(x, a, blk.proj.weight, residual, tile), True)
+    triton_fc2 = gemm_tiled(lambda tile: ops.residual_linear(x, h, blk.fc2.weight, residual, tile), True)
 
     def attention_with(backend, tile=""):
         def run():
@@ -257,6 +250,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         if backend != "triton":
             sdpa[backend] = attention_with(backend)
         elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
             for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
                 triton_attention[f"triton:{tile}"] = attention_with("triton", str(tile))
     _precompile([launch for site in (triton_fc1, triton_qkv, triton_proj, triton_fc2, triton_attention)
@@ -273,7 +267,6 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, blk.fc2.weight, residual), triton_fc2)
     attention, t_attn = _fastest({**sdpa, **triton_attention}, dev, use_graph)
     attention, _, tile = attention.partition(":")
-    kernels.release_shared_scratch()  # the timed split-K candidates' scratch (the engine's is in its arena)
     plan = ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention, attention_tile=tile,
                     qkv_tile=qkv_tile, fc1_tile=fc1_tile, proj_tile=proj_tile, fc2_tile=fc2_tile)
     return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn, "qkv": t_qkv,
@@ -323,9 +316,7 @@ class CompiledEngine:
         # and pin its whole segment
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        rows = self.batch * self.model.cfg.seq_len
-        self._arena = ActivationArena(self.model.cfg, self.batch, self.dtype, dev,
-                                      scratch_bytes=self.model.blocks[0].scratch_bytes(rows, self.plan))
+        self._arena = ActivationArena(self.model.cfg, self.batch, self.dtype, dev)
         if not self.use_graph:
             return self
         self._graph, self._static_out = capture_graph(lambda: self.model(self._static_in, self._arena), warmups=2)

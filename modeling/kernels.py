@@ -263,30 +263,6 @@ def _gelu(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _column_slices(acc, BLOCK_M: tl.constexpr, SLICE: tl.constexpr, SPLIT_N: tl.constexpr):
-    # the accumulator as SPLIT_N (1 or 2) column slices, so each epilogue pass holds half the tile
-    if SPLIT_N == 1:
-        parts = (acc,)
-    else:
-        parts = tl.split(acc.reshape(BLOCK_M, 2, SLICE).permute(0, 2, 1))
-    return parts
-
-
-@triton.jit
-def _epilogue(part, c_desc, BIAS, N, off_m, cols, SLICE: tl.constexpr,
-              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACCUMULATE: tl.constexpr):
-    # bias, GELU and the residual on one float32 column slice of a tile, stored by TMA
-    if HAS_BIAS:
-        offs = cols + tl.arange(0, SLICE)
-        part += tl.load(BIAS + offs, mask=offs < N, other=0.0).to(tl.float32)[None, :]
-    if ACT:
-        part = _gelu(part, ACT)
-    if ACCUMULATE:
-        part += c_desc.load([off_m, cols]).to(tl.float32)
-    c_desc.store([off_m, cols], part.to(c_desc.dtype))
-
-
-@triton.jit
 def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, SPLIT_N: tl.constexpr,
@@ -316,53 +292,21 @@ def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K,
             a = a_desc.load([off_m, ks * BLOCK_K])
             w = w_desc.load([off_n, ks * BLOCK_K])
             acc = tl.dot(a, w.T, acc)
-        parts = _column_slices(acc, BLOCK_M, SLICE, SPLIT_N)
+        if SPLIT_N == 1:
+            parts = (acc,)
+        else:
+            parts = tl.split(acc.reshape(BLOCK_M, 2, SLICE).permute(0, 2, 1))
         for i in tl.static_range(SPLIT_N):
-            _epilogue(parts[i], c_desc, BIAS, N, off_m, off_n + i * SLICE, SLICE, HAS_BIAS, ACT, ACCUMULATE)
-
-
-@triton.jit
-def _linear_split_k_kernel(a_desc, w_desc, c_desc, BIAS, PARTIALS, ARRIVALS, M, N, K, SPLIT_K: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           SPLIT_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                           ACCUMULATE: tl.constexpr):
-    # The same C = act(A @ W^T + bias) / C += A @ W^T for small M, where the output tiles are too
-    # few to fill the GPU and each one's K loop is long: program (tile, split) computes the tile's
-    # split-th slice of K. Every program writes its float32 partial and counts its arrival; the last
-    # to arrive adds the partials in split order (the same order whoever is last: deterministic),
-    # its own from registers, and runs the epilogue. No program waits on another, so any number of
-    # them may run at once. The counters are left at zero for the next launch (and graph replay).
-    # After the K loop every step is a round trip to L2 (~1 us): the partials' loads are unrolled
-    # (SPLIT_K is a constexpr) so they travel together, not one split after another.
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    n_n = tl.cdiv(N, BLOCK_N)
-    off_m = (tile // n_n) * BLOCK_M
-    off_n = (tile % n_n) * BLOCK_N
-    steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_first = split * steps * BLOCK_K
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for ks in range(steps):  # steps past K (the last split's, when SPLIT_K does not divide) load zeros
-        a = a_desc.load([off_m, k_first + ks * BLOCK_K])
-        w = w_desc.load([off_n, k_first + ks * BLOCK_K])
-        acc = tl.dot(a, w.T, acc)
-    SLICE: tl.constexpr = BLOCK_N // SPLIT_N
-    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, SLICE)[None, :]
-    slots = PARTIALS + tile.to(tl.int64) * SPLIT_K * (BLOCK_M * BLOCK_N)  # this tile's SPLIT_K partials
-    parts = _column_slices(acc, BLOCK_M, SLICE, SPLIT_N)
-    for i in tl.static_range(SPLIT_N):
-        tl.store(slots + split * (BLOCK_M * BLOCK_N) + i * SLICE + offs, parts[i])
-    tl.debug_barrier()  # every thread's stores issued before the arrival (a release) counts them
-    if tl.atomic_add(ARRIVALS + tile, 1, sem="acq_rel") == SPLIT_K - 1:
-        tl.store(ARRIVALS + tile, 0)  # nobody else reads it again in this launch
-        for i in tl.static_range(SPLIT_N):
-            total = tl.zeros([BLOCK_M, SLICE], tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                index = tl.full([BLOCK_M, SLICE], s, tl.int32)
-                theirs = tl.load(slots + s * (BLOCK_M * BLOCK_N) + i * SLICE + offs, mask=index != split,
-                                 other=0.0, cache_modifier=".cg")  # from L2: written by other SMs
-                total += tl.where(index == split, parts[i], theirs)
-            _epilogue(total, c_desc, BIAS, N, off_m, off_n + i * SLICE, SLICE, HAS_BIAS, ACT, ACCUMULATE)
+            part = parts[i]
+            cols = off_n + i * SLICE
+            if HAS_BIAS:
+                offs = cols + tl.arange(0, SLICE)
+                part += tl.load(BIAS + offs, mask=offs < N, other=0.0).to(tl.float32)[None, :]
+            if ACT:
+                part = _gelu(part, ACT)
+            if ACCUMULATE:
+                part += c_desc.load([off_m, cols]).to(tl.float32)
+            c_desc.store([off_m, cols], part.to(c_desc.dtype))
 
 
 @dataclass(frozen=True)
@@ -377,12 +321,11 @@ class GemmTile:
     per_sm: int = 1    # programs per SM: 2 lets one program's epilogue overlap the other's mainloop
     group_m: int = 8
     ws: bool = False   # Triton's automatic warp specialization of the tile loop (8-warp tiles on Hopper)
-    split_k: int = 1   # > 1: each output tile's K loop split over this many programs (_linear_split_k_kernel)
 
     def __str__(self):
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.warps}s{self.stages}"
                 f"x{self.split_n}{'f' if self.flatten else ''}{f'o{self.per_sm}' if self.per_sm > 1 else ''}"
-                f"{'ws' if self.ws else ''}{f'sk{self.split_k}' if self.split_k > 1 else ''}")
+                f"{'ws' if self.ws else ''}")
 
     def fits(self, accumulate: bool, shared_bytes: int = 232448) -> bool:
         """Whether the operand ring and the epilogue staging (twice for the in-place residual,
@@ -400,47 +343,19 @@ GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n256k64
                         "m64n128k64w4s4x1f", "m64n128k64w4s3x1fo2", "m128n64k64w4s3x1fo2")
 
 
-# Split-K forms (one program per tile and slice of K) are timed where the output tiles are too
-# few to fill the GPU: these base tiles hold the float32 partials in registers without spilling
-# (8 warps for 128 rows, two epilogue slices; checked with ptxas for sm_90).
-SPLIT_K_BASES = ("m64n128k64w4s4x2", "m128n128k64w8s4x2")
-
-
-def split_k_ways(tile: GemmTile, rows: int, n: int, k: int, sms: int) -> int:
-    """How many slices of K a wave model says a (rows x k) @ (k x n) GEMM should be split into with
-    `tile`, 1 for none. Every program runs at once (tiles x splits <= SMs), so the time is one
-    program's: its K steps, plus the partials it writes and the last one reads, each a float32 tile
-    that costs as many bytes as `cost` K steps of operands. A split must save a fifth."""
-    tiles = triton.cdiv(rows, tile.block_m) * triton.cdiv(n, tile.block_n)
-    steps = triton.cdiv(k, tile.block_k)
-    partial = tile.block_m * tile.block_n * 4 / ((tile.block_m + tile.block_n) * tile.block_k * 2)
-
-    def cost(ways):
-        return triton.cdiv(steps, ways) + partial * ways
-    ways = [w for w in range(2, 17) if tiles * w <= sms and steps >= 2 * w]
-    best = min(ways, key=cost, default=1)
-    return best if best > 1 and cost(best) < 0.8 * steps else 1
-
-
-def gemm_tiles(rows: int, n: int = 0, k: int = 0, sms: int = 132) -> tuple:
-    """The candidate tiles worth timing for a GEMM of `rows` rows (and, given them, n columns and
-    depth k). Each tile is a kernel to compile (~1 s from a cold cache) and time, so only those
-    that ever won at such sizes: from 8192 rows, the 128-row tiles one program per SM; below 1024
-    rows (ViT-B/16 batch 1-4, ViT-L/16 batch 1), the tiles at most 128 columns wide
-    (tools/gemm_tiles.py: the 128x256 tiles trail the narrower ones there by 30% to 2.5x); and
-    the split-K forms of SPLIT_K_BASES where split_k_ways splits K."""
+def gemm_tiles(rows: int) -> tuple:
+    """The candidate tiles worth timing for a GEMM of `rows` rows. Each tile is a kernel to compile
+    (~1 s from a cold cache) and time, so only those that ever won at such sizes: from 8192 rows,
+    the 128-row tiles one program per SM; below 1024 rows (ViT-B/16 batch 1-4, ViT-L/16 batch 1),
+    the tiles at most 128 columns wide (tools/gemm_tiles.py: the 128x256 tiles trail the
+    narrower ones there by 30% to 2.5x)."""
     from .ops import parse_gemm_tile
     tiles = [parse_gemm_tile(t) for t in GEMM_TILE_CANDIDATES]
     if rows >= 8192:
         return tuple(str(t) for t in tiles if t.block_m == 128 and t.per_sm == 1)
-    split = []
-    for base in SPLIT_K_BASES if n and k else ():
-        ways = split_k_ways(parse_gemm_tile(base), rows, n, k, sms)
-        if ways > 1:
-            split.append(f"{base}sk{ways}")
     if rows < 1024:
-        return tuple(str(t) for t in tiles if t.block_n <= 128) + tuple(split)
-    return GEMM_TILE_CANDIDATES + tuple(split)
+        return tuple(str(t) for t in tiles if t.block_n <= 128)
+    return GEMM_TILE_CANDIDATES
 
 
 def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
@@ -450,12 +365,10 @@ def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str = "",
-           out: torch.Tensor | None = None, accumulate: bool = False, tile: GemmTile = GemmTile(),
-           scratch: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, accumulate: bool = False, tile: GemmTile = GemmTile()) -> torch.Tensor:
     """act(x @ weight.T + bias) with act "" / "gelu" (erf) / "gelu_tanh", written to `out` (new if
     None); with `accumulate` (no bias or act), out += x @ weight.T in place. x (M, K), weight (N, K),
-    out (M, N), all with contiguous rows. A split-K tile works in `scratch` (new_split_k_scratch;
-    None: a process-wide one, see _shared_scratch)."""
+    out (M, N), all with contiguous rows."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     M, K = x.shape
     N = weight.shape[0]
@@ -467,69 +380,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     w_desc = TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k])
     c_desc = TensorDescriptor.from_tensor(out, [tile.block_m, tile.block_n // tile.split_n])
     tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
-    epilogue = dict(SPLIT_N=tile.split_n, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-                    ACT={"": 0, "gelu": 1, "gelu_tanh": 3 if x.is_cuda else 2}[act])
-    bias = bias if bias is not None else weight  # a placeholder pointer when there is none
-    if tile.split_k > 1:
-        need = split_k_scratch_bytes(tile, M, N)
-        if scratch is None:
-            scratch = _shared_scratch(x.device, need)
-        assert scratch.numel() >= need and scratch.dtype == torch.uint8, "split-K scratch too small"
-        arrivals = scratch[:_COUNTER_BYTES].view(torch.int32)
-        partials = scratch[_COUNTER_BYTES:need].view(torch.float32)
-        _launch(_linear_split_k_kernel, (tiles, tile.split_k), a_desc, w_desc, c_desc, bias, partials, arrivals,
-                M, N, K, SPLIT_K=tile.split_k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-                **epilogue, num_warps=tile.warps, num_stages=tile.stages)
-        return out
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     programs = min(sms * tile.per_sm, tiles)
     _launch(
-        _linear_kernel, (programs,), a_desc, w_desc, c_desc, bias, M, N, K,
+        _linear_kernel, (programs,), a_desc, w_desc, c_desc, bias if bias is not None else weight, M, N, K,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
-        PROGRAMS=programs, FLATTEN=tile.flatten, WS=tile.ws, **epilogue,
+        PROGRAMS=programs, SPLIT_N=tile.split_n, HAS_BIAS=bias is not None,
+        ACT={"": 0, "gelu": 1, "gelu_tanh": 3 if x.is_cuda else 2}[act], ACCUMULATE=accumulate, FLATTEN=tile.flatten,
+        WS=tile.ws,
         num_warps=tile.warps, num_stages=tile.stages)
     return out
-
-
-# A split-K launch's scratch: int32 arrival counters (one per output tile, zero between launches),
-# then a float32 partial tile per (tile, split).
-_MAX_SPLIT_K_TILES = 1024
-_COUNTER_BYTES = 4 * _MAX_SPLIT_K_TILES
-
-
-def split_k_scratch_bytes(tile: GemmTile, rows: int, n: int) -> int:
-    """Bytes of scratch `tile` needs for a (rows x n) output: 0 unless it splits K."""
-    if tile.split_k == 1:
-        return 0
-    tiles = triton.cdiv(rows, tile.block_m) * triton.cdiv(n, tile.block_n)
-    assert tiles <= _MAX_SPLIT_K_TILES, f"split-K over {tiles} tiles; at most {_MAX_SPLIT_K_TILES}"
-    return _COUNTER_BYTES + tiles * tile.split_k * tile.block_m * tile.block_n * 4
-
-
-def new_split_k_scratch(nbytes: int, device) -> torch.Tensor:
-    """Scratch for split-K launches of up to `nbytes` (split_k_scratch_bytes), counters zeroed.
-    The launches that share one must run one after another (one stream): each leaves the
-    counters at zero for the next."""
-    return zero_split_k_counters(torch.empty(max(nbytes, _COUNTER_BYTES), dtype=torch.uint8, device=device))
-
-
-def zero_split_k_counters(scratch: torch.Tensor) -> torch.Tensor:
-    scratch[:_COUNTER_BYTES].zero_()
-    return scratch
-
-
-_SHARED_SCRATCH = {}
-
-
-def _shared_scratch(device, nbytes: int) -> torch.Tensor:
-    """Scratch for launches given none (the plan's timing, tests): one per (device, size), kept,
-    never reallocated, because a CUDA graph keeps the address it captured. release_shared_scratch
-    drops them once no graph that captured one will replay."""
-    key = (str(device), nbytes)
-    if key not in _SHARED_SCRATCH:
-        _SHARED_SCRATCH[key] = new_split_k_scratch(nbytes, device)
-    return _SHARED_SCRATCH[key]
-
-
-def release_shared_scratch():
-    _SHARED_SCRATCH.clear()

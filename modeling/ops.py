@@ -117,33 +117,23 @@ def layer_norm(x, weight, bias, eps, shift=None, impl="torch", out=None):
 @functools.lru_cache(maxsize=None)  # called on every forward outside a CUDA graph
 def parse_gemm_tile(text: str, what: str = "gemm tile"):
     """"m128n256k64w8s3x2f" -> kernels.GemmTile (block m/n/k, warps, stages, epilogue slices,
-    f: flattened persistent loop, o2: two programs per SM, ws: warp-specialized; or, after the
-    slices, skN: K split over N programs per tile); ValueError when malformed."""
-    m = re.fullmatch(r"m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)x([12])(?:(f?)(?:o([12]))?(ws)?|sk(\d+))", text)
-    if not m or int(m[2]) % int(m[6]) or (m[10] and not 2 <= int(m[10]) <= 64):
-        raise ValueError(f"plan.{what}={text!r}; expected like m128n256k64w8s3x2f or m64n128k64w4s4x2sk4")
+    f: flattened persistent loop, o2: two programs per SM, ws: warp-specialized); ValueError when malformed."""
+    m = re.fullmatch(r"m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)x([12])(f?)(?:o([12]))?(ws)?", text)
+    if not m or int(m[2]) % int(m[6]):
+        raise ValueError(f"plan.{what}={text!r}; expected like m128n256k64w8s3x2f")
     from .kernels import GemmTile
     return GemmTile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]), int(m[6]), bool(m[7]), int(m[8] or 1),
-                    ws=bool(m[9]), split_k=int(m[10] or 1))
+                    ws=bool(m[9]))
 
 
-def linear(x, weight, bias, tile="", out=None, scratch=None):
-    """x @ W.T + b: cuBLAS, or with `tile` our Triton GEMM (kernels.linear; a split-K tile works in
-    `scratch`, see gemm_scratch_bytes)."""
+def linear(x, weight, bias, tile="", out=None):
+    """x @ W.T + b: cuBLAS, or with `tile` our Triton GEMM (kernels.linear)."""
     if tile:
         from . import kernels
-        return kernels.linear(x, weight, bias, out=out, tile=parse_gemm_tile(tile), scratch=scratch)
+        return kernels.linear(x, weight, bias, out=out, tile=parse_gemm_tile(tile))
     if out is None:
         return F.linear(x, weight, bias)
     return torch.mm(x, weight.t(), out=out) if bias is None else torch.addmm(bias, x, weight.t(), out=out)
-
-
-def gemm_scratch_bytes(tile: str, rows: int, n: int) -> int:
-    """Scratch our GEMM needs with `tile` for a (rows x n) output: the split-K partials, else 0."""
-    if not tile:
-        return 0
-    from .kernels import split_k_scratch_bytes
-    return split_k_scratch_bytes(parse_gemm_tile(tile), rows, n)
 
 
 def gelu(x, act):
@@ -154,7 +144,7 @@ def linear_gelu_reference(x, weight, bias, act):
     return gelu(F.linear(x, weight, bias), act)
 
 
-def linear_gelu(x, weight, bias, act, impl="separate", tile="", out=None, scratch=None):
+def linear_gelu(x, weight, bias, act, impl="separate", tile="", out=None):
     """fc1 with its bias and GELU. "epilogue" runs GELU in the cuBLASLt epilogue, which computes
     the tanh approximation whatever `act` says (AITemplate's "fast_gelu" did the same); "triton"
     runs our GEMM with `tile` and the tanh approximation in its epilogue, "triton_erf" the same
@@ -164,7 +154,7 @@ def linear_gelu(x, weight, bias, act, impl="separate", tile="", out=None, scratc
     if impl in ("triton", "triton_erf"):
         from . import kernels
         return kernels.linear(x, weight, bias, "gelu" if impl == "triton_erf" else "gelu_tanh", out=out,
-                              tile=parse_gemm_tile(tile), scratch=scratch)
+                              tile=parse_gemm_tile(tile))
     return linear_gelu_reference(x, weight, bias, act)
 
 
@@ -172,13 +162,13 @@ def residual_linear_reference(x, a, weight):
     return x + F.linear(a, weight)
 
 
-def residual_linear(x, a, weight, impl="add", tile="", scratch=None):
+def residual_linear(x, a, weight, impl="add", tile=""):
     """x + a @ weight.T with the bias deferred to the next shift. "addmm" accumulates into x in
     place: the residual is the GEMM's C operand, so no separate add kernel reads it again.
     A `tile` runs our Triton GEMM instead, also in place."""
     if tile:
         from . import kernels
-        return kernels.linear(a, weight, out=x, accumulate=True, tile=parse_gemm_tile(tile), scratch=scratch)
+        return kernels.linear(a, weight, out=x, accumulate=True, tile=parse_gemm_tile(tile))
     if impl == "addmm":
         return x.addmm_(a, weight.t())
     return residual_linear_reference(x, a, weight)

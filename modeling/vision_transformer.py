@@ -54,13 +54,13 @@ class Linear(nn.Module):
         has_bias = bias and specialization != "residual"
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
 
-    def forward(self, x, plan: ops.Plan, residual=None, out=None, scratch=None):
+    def forward(self, x, plan: ops.Plan, residual=None, out=None):
         tile = getattr(plan, self.tile_field) if self.tile_field else ""
         if self.specialization == "gelu":
-            return ops.linear_gelu(x, self.weight, self.bias, self.act, plan.mlp_act, tile, out=out, scratch=scratch)
+            return ops.linear_gelu(x, self.weight, self.bias, self.act, plan.mlp_act, tile, out=out)
         if self.specialization == "residual":
-            return ops.residual_linear(residual, x, self.weight, plan.residual, tile, scratch=scratch)
-        return ops.linear(x, self.weight, self.bias, tile, out=out, scratch=scratch)
+            return ops.residual_linear(residual, x, self.weight, plan.residual, tile)
+        return ops.linear(x, self.weight, self.bias, tile, out=out)
 
 
 class Block(nn.Module):
@@ -79,20 +79,14 @@ class Block(nn.Module):
 
     def forward(self, x, batch: int, plan: ops.Plan, arena: "ActivationArena | None" = None):
         d, inner = x.shape[1], self.heads * self.head_dim
-        scratch = arena.scratch if arena is not None else None  # split-K GEMMs' partials
         normed = self.norm1(x, plan, out=_slot(arena, "narrow", d))
-        qkv = self.qkv(normed, plan, out=_slot(arena, "wide", 3 * inner), scratch=scratch)
+        qkv = self.qkv(normed, plan, out=_slot(arena, "wide", 3 * inner))
         attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile,
                              out=_slot(arena, "narrow", inner))
-        x = self.proj(attn, plan, residual=x, scratch=scratch)
+        x = self.proj(attn, plan, residual=x)
         normed = self.norm2(x, plan, out=_slot(arena, "narrow", d))
-        hidden = self.fc1(normed, plan, out=_slot(arena, "wide", self.fc1.weight.shape[0]), scratch=scratch)
-        return self.fc2(hidden, plan, residual=x, scratch=scratch)
-
-    def scratch_bytes(self, rows: int, plan: ops.Plan) -> int:
-        """The scratch the plan's GEMM tiles need at `rows` tokens (split-K partials)."""
-        return max(ops.gemm_scratch_bytes(getattr(plan, lin.tile_field), rows, lin.weight.shape[0])
-                   for lin in (self.qkv, self.proj, self.fc1, self.fc2))
+        hidden = self.fc1(normed, plan, out=_slot(arena, "wide", self.fc1.weight.shape[0]))
+        return self.fc2(hidden, plan, residual=x)
 
 
 class ActivationArena:
@@ -102,11 +96,9 @@ class ActivationArena:
     and the patchified images. Each op writes to a slot whose contents are dead by then, so a
     CUDA graph captured with an arena takes no allocator segments for activations: a graph's
     private pool gives each 1-10 MiB tensor a 20 MiB segment (docs/perf-notes.md, attempt 15).
-    A fourth, `scratch`, holds the split-K GEMMs' partials and arrival counters (`scratch_bytes`,
-    from the plan; the counters start at zero and every launch leaves them there).
     One arena per compiled engine: two engines sharing one would race on concurrent streams."""
 
-    def __init__(self, cfg: ViTConfig, batch: int, dtype: torch.dtype, device, scratch_bytes: int = 0):
+    def __init__(self, cfg: ViTConfig, batch: int, dtype: torch.dtype, device):
         self.rows = batch * cfg.seq_len
         inner = cfg.num_heads * cfg.head_dim
         self.dtype = dtype
@@ -116,16 +108,10 @@ class ActivationArena:
         for name, n in sizes.items():
             self.offsets[name] = total
             total += _aligned(n * dtype.itemsize)
-        self.offsets["scratch"] = total
-        total += _aligned(scratch_bytes)
         # the caching allocator serves a 1-10 MiB request from a 20 MiB segment, 10 MiB and up exactly
         if 2**20 < total < 10 * 2**20:
             total = 10 * 2**20
         self.buffer = torch.empty(total, dtype=torch.uint8, device=device)
-        self.scratch = None
-        if scratch_bytes:
-            from .kernels import zero_split_k_counters
-            self.scratch = zero_split_k_counters(self.buffer[self.offsets["scratch"]:total])
 
     def take(self, slot: str, cols: int, rows: int | None = None) -> torch.Tensor:
         """A (rows, cols) view of one slot (rows: every token of the batch unless given)."""

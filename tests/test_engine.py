@@ -229,7 +229,7 @@ def test_choose_plan_times_every_candidate_of_every_site():
     model = wu.build_engine(cfg, wu.convert(timm_model, cfg), torch.float16, "cpu")
     # every candidate tile, as at mid-size batches (the micro model's 34 rows would get only the narrow ones)
     with mock.patch.object(Target, "attention_backends", new=property(lambda self: ("math",))), \
-            mock.patch.object(kernels, "gemm_tiles", lambda rows, *shape: kernels.GEMM_TILE_CANDIDATES):
+            mock.patch.object(kernels, "gemm_tiles", lambda rows: kernels.GEMM_TILE_CANDIDATES):
         plan, report = choose_plan(model, 2, Target("cpu", torch.device("cpu"), "cpu"), Options(), use_graph=False)
     tiles = set(kernels.GEMM_TILE_CANDIDATES)
     in_place = {t for t in tiles if ops.parse_gemm_tile(t).fits(accumulate=True)}

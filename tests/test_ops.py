@@ -101,8 +101,6 @@ def test_plan_rejects_unknown_impl():
     (33, 200, 48, "m32n64k32w4s2x2"),    # two epilogue slices, ragged N, nested loop
     (64, 64, 64, "m64n64k64w4s3x1f"),    # one tile
     (150, 72, 40, "m32n32k16w4s2x2fws"),  # warp-specialized tile loop (a hint; the same math)
-    (197, 96, 80, "m32n32k16w4s2x1sk3"),  # split K: 5 steps over 3 programs per tile, the last reads zeros
-    (33, 200, 112, "m32n64k16w4s2x2sk2"),  # split K with two epilogue slices, ragged N
 ])
 def test_triton_gemm_matches_reference(rows, n, k, tile):
     g = torch.Generator().manual_seed(rows + n + k)
@@ -136,10 +134,7 @@ def test_gemm_tiles_parse_and_validate():
     # the H100 said: 262,192 bytes of shared memory for the 4-stage 128x256 tile accumulating in place
     deep = ops.parse_gemm_tile("m128n256k64w8s4x2f")
     assert deep.fits(accumulate=False) and not deep.fits(accumulate=True) and tile.fits(accumulate=True)
-    split = ops.parse_gemm_tile("m64n128k64w4s4x2sk5")
-    assert split.split_k == 5 and tile.split_k == 1 and str(split) == "m64n128k64w4s4x2sk5"
-    for bad in ("m128n256k64", "m128n256k64w8s3x3f", "m128n255k64w8s3x2", "m64n128k64w4s3x1fo3", "m64n128k64w4s3x1w",
-                "m64n128k64w4s4x2fsk5", "m64n128k64w4s4x2sk1", "m64n128k64w4s4x2sk"):
+    for bad in ("m128n256k64", "m128n256k64w8s3x3f", "m128n255k64w8s3x2", "m64n128k64w4s3x1fo3", "m64n128k64w4s3x1w"):
         with pytest.raises(ValueError, match="fc2_tile"):
             ops.Plan(fc2_tile=bad)
     # an fc1 tile and the fc1 path that uses it come together
@@ -160,46 +155,12 @@ def test_gemm_candidates_narrow_with_the_shape():
     assert "m64n128k64w4s4x1f" in small and "m128n256k64w8s3x2f" in large
 
 
-def test_split_k_where_tiles_are_few_and_k_long():
-    """Split-K forms join the candidates where the output tiles cannot fill the GPU and K is long
-    (ViT-L/16 batch 1 fc2: 40 tiles of 128x128 on 132 SMs, 64 K steps), never where the tiles
-    already fill it (ViT-L/16 batch 1 fc1: 160 tiles) or at large batch, and every split fits one wave."""
-    from modeling import kernels
-    l16_fc2 = kernels.gemm_tiles(576, 1024, 4096, 132)
-    assert "m128n128k64w8s4x2sk3" in l16_fc2
-    assert not any("sk" in t for t in kernels.gemm_tiles(576, 4096, 1024, 132))
-    assert not any("sk" in t for t in kernels.gemm_tiles(50176, 768, 3072, 132))
-    assert not any("sk" in t for t in kernels.gemm_tiles(576))  # no shape given, no split
-    b16_fc2 = [ops.parse_gemm_tile(t) for t in kernels.gemm_tiles(196, 768, 3072, 132) if "sk" in t]
-    assert b16_fc2 and all(-(-196 // t.block_m) * (768 // t.block_n) * t.split_k <= 132 for t in b16_fc2)
-    assert all(t.fits(accumulate=True) for t in b16_fc2)
-
-
-def test_split_k_sums_in_split_order_and_leaves_counters_at_zero():
-    """A split-K launch leaves its arrival counters at zero (the next launch, or graph replay, starts
-    clean), equals the unsplit tile to rounding, and repeats bitwise."""
-    from modeling import kernels
-    g = torch.Generator().manual_seed(3)
-    x, w = torch.randn(70, 96, generator=g), torch.randn(40, 96, generator=g) / 10
-    tile = ops.parse_gemm_tile("m32n32k16w4s2x1sk3")
-    scratch = kernels.new_split_k_scratch(kernels.split_k_scratch_bytes(tile, 70, 40), "cpu")
-    scratch[kernels._COUNTER_BYTES:].fill_(255)  # NaN partials: each is written before it is read
-    first = kernels.linear(x, w, tile=tile, scratch=scratch)
-    assert torch.all(scratch[:kernels._COUNTER_BYTES] == 0)
-    assert torch.equal(kernels.linear(x, w, tile=tile, scratch=scratch), first)
-    assert _rel(first, kernels.linear(x, w, tile=ops.parse_gemm_tile("m32n32k16w4s2x1f"))) < 1e-6
-    with pytest.raises(AssertionError, match="scratch too small"):
-        kernels.linear(x, w, tile=tile, scratch=scratch[:100])
-
-
 @pytest.mark.parametrize("plan", [
     ops.Plan(norm="triton", residual="addmm"),
     ops.Plan(norm="triton", residual="addmm", attention="triton", attention_tile="m16n16w4s2",
              qkv_tile="m32n32k16w4s2x1f", fc2_tile="m32n64k32w4s2x2"),
     ops.Plan(norm="triton", residual="addmm", mlp_act="triton_erf", fc1_tile="m32n64k32w4s2x2fo2",
              proj_tile="m32n32k16w4s2x1fo2", qkv_tile="m32n32k16w4s2x1f"),
-    ops.Plan(norm="triton", residual="addmm", mlp_act="triton_erf", fc1_tile="m32n32k16w4s2x1sk2",
-             proj_tile="m32n32k16w4s2x2sk2", fc2_tile="m32n32k16w4s2x1sk4"),
 ])
 def test_whole_engine_with_triton_kernels_matches_reference_path(plan):
     """The engine with our Triton kernels (LayerNorm; attention and GEMMs) equals the reference path."""
@@ -216,14 +177,13 @@ def test_whole_engine_with_triton_kernels_matches_reference_path(plan):
     assert _rel(model(images), want) > 1e-4
 
 
-@pytest.mark.parametrize("feature,split_k", [(dict(class_token=True, reg_tokens=1), False),
-                                             (dict(pre_norm=True, class_token=False, global_pool="avg"), True),
-                                             (dict(global_pool="avg", fc_norm=False, patch_size=4, img_size=(24, 40),
-                                                   in_chans=1), False)])
-def test_activation_arena_holds_the_activations(feature, split_k):
+@pytest.mark.parametrize("feature", [dict(class_token=True, reg_tokens=1),
+                                     dict(pre_norm=True, class_token=False, global_pool="avg"),
+                                     dict(global_pool="avg", fc_norm=False, patch_size=4, img_size=(24, 40), in_chans=1)])
+def test_activation_arena_holds_the_activations(feature):
     """With an arena the forward writes its activations there: the same logits, the residual stream
     ends in the arena's x slot, and nothing is read before it is written (a NaN-filled arena
-    changes nothing). Split-K GEMMs work in the arena's scratch, sized from the plan."""
+    changes nothing)."""
     import weight_utils as wu
     from modeling.config import vit_config
     from modeling.vision_transformer import ActivationArena
@@ -231,17 +191,11 @@ def test_activation_arena_holds_the_activations(feature, split_k):
     model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=6)[0], cfg), torch.float32, "cpu")
     model.set_plan(ops.Plan(norm="triton", residual="addmm", attention="triton", attention_tile="m16n16w4s2",
                             qkv_tile="m32n32k16w4s2x1f", mlp_act="triton_erf", fc1_tile="m32n32k16w4s2x1f",
-                            fc2_tile="m32n32k16w4s2x1sk3" if split_k else "m32n32k16w4s2x1f"))
+                            fc2_tile="m32n32k16w4s2x1f"))
     images = torch.randn(2, cfg.in_chans, *cfg.img_size)
     want = model(images)
-    rows = 2 * cfg.seq_len
-    need = model.blocks[0].scratch_bytes(rows, model.plan)
-    assert (need > 0) == split_k
-    arena = ActivationArena(cfg, 2, torch.float32, "cpu", scratch_bytes=need)
-    from modeling.kernels import _COUNTER_BYTES
-    start = arena.offsets["scratch"] + (_COUNTER_BYTES if split_k else 0)
-    arena.buffer[:arena.offsets["scratch"]].fill_(255)  # every float32 in it is NaN, but the zeroed counters
-    arena.buffer[start:].fill_(255)
+    arena = ActivationArena(cfg, 2, torch.float32, "cpu")
+    arena.buffer.fill_(255)  # every float32 in it is NaN
     assert _rel(model(images, arena), want) < 1e-6
     stream = model.embed(images)
     for block in model.blocks:
