@@ -1,6 +1,6 @@
 """The block GEMMs at the models' real shapes, one device call: cuBLAS (what the engine runs now)
-beside the persistent TMA Triton GEMM (kernels.linear) over a grid of tiles, each timed in CUDA
-graphs as the plan does and checked against cuBLAS.
+beside the persistent TMA Triton GEMM (kernels.linear) over a grid of tiles (default: the plan's
+candidates at that size), each timed in CUDA graphs as the plan does and checked against float32.
 
     [GEMM_TILES="m128n256k64w8s3x2f ..."] python3 tools/gemm_tiles.py [MODEL:BATCH ...]
 """
@@ -19,12 +19,7 @@ from modeling.ops import parse_gemm_tile
 dev = torch.device("cuda")
 shapes = [a.split(":") for a in sys.argv[1:]] or (
     [("vit_base_patch16_224", b) for b in (1, 64, 256)] + [("vit_large_patch16_384", b) for b in (1, 16, 256)])
-TILES = [parse_gemm_tile(t) for t in os.environ["GEMM_TILES"].split()] if os.environ.get("GEMM_TILES") else [
-    parse_gemm_tile(t) for t in (
-    "m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n128k64w4s4x1f", "m128n128k64w8s4x1f", "m64n128k64w4s4x1f",
-    # two programs per SM (o2): one program's epilogue overlaps the other's mainloop
-    "m128n128k64w4s2x1fo2", "m128n128k64w4s3x2fo2", "m128n128k32w4s4x2fo2", "m128n128k64w8s2x2fo2",
-    "m128n128k64w8s3x2fo2", "m64n128k64w4s3x1fo2", "m128n64k64w4s3x1fo2", "m64n256k64w4s2x2fo2")]
+TILES = os.environ.get("GEMM_TILES", "").split()  # default: each site's plan candidates (kernels.gemm_tiles)
 
 
 def timed(fn, calls=5):
@@ -65,7 +60,9 @@ for name, batch in shapes:
             want = F.linear(a.float(), w.float(), b.float())
             if act:
                 want = F.gelu(want, approximate="tanh" if act == "gelu_tanh" else "none")
-        for tile in TILES:
+        for tile in map(parse_gemm_tile, TILES or kernels.gemm_tiles(M)):
+            if not tile.fits(acc):
+                continue  # cannot launch (shared memory)
             try:
                 if acc:
                     out = stream.clone()
