@@ -24,7 +24,8 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "4"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles
+ENGINE_VERSION = "5"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+# 5: 128-deep tiles at small M
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 

@@ -338,9 +338,11 @@ class GemmTile:
 
 # Tiles that beat cuBLAS somewhere on the H100 (tools/gemm_tiles.py, docs/perf-notes.md): wide
 # 128x256 tiles with a two-slice epilogue at large M (warp-specialized or not), 64x128 / 128x128 at
-# batch 1, and two small-tile programs per SM for the residual GEMMs at batch 1.
+# batch 1, two small-tile programs per SM for the residual GEMMs at batch 1, and 128-deep K steps
+# for the small-M GEMMs (half the pipeline round trips per byte moved; perf-notes attempt 28).
 GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n256k64w8s3x2fws", "m128n128k64w4s4x1f",
-                        "m64n128k64w4s4x1f", "m64n128k64w4s3x1fo2", "m128n64k64w4s3x1fo2")
+                        "m64n128k64w4s4x1f", "m64n128k64w4s3x1fo2", "m128n64k64w4s3x1fo2",
+                        "m64n128k128w4s4x1f", "m64n64k128w4s4x1f")
 
 
 def gemm_tiles(rows: int) -> tuple:
@@ -348,14 +350,15 @@ def gemm_tiles(rows: int) -> tuple:
     (~1 s from a cold cache) and time, so only those that ever won at such sizes: from 8192 rows,
     the 128-row tiles one program per SM; below 1024 rows (ViT-B/16 batch 1-4, ViT-L/16 batch 1),
     the tiles at most 128 columns wide (tools/gemm_tiles.py: the 128x256 tiles trail the
-    narrower ones there by 30% to 2.5x)."""
+    narrower ones there by 30% to 2.5x), and the 128-deep tiles only there."""
     from .ops import parse_gemm_tile
     tiles = [parse_gemm_tile(t) for t in GEMM_TILE_CANDIDATES]
-    if rows >= 8192:
-        return tuple(str(t) for t in tiles if t.block_m == 128 and t.per_sm == 1)
     if rows < 1024:
         return tuple(str(t) for t in tiles if t.block_n <= 128)
-    return GEMM_TILE_CANDIDATES
+    tiles = [t for t in tiles if t.block_k == 64]
+    if rows >= 8192:
+        return tuple(str(t) for t in tiles if t.block_m == 128 and t.per_sm == 1)
+    return tuple(str(t) for t in tiles)
 
 
 def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:

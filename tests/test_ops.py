@@ -101,6 +101,7 @@ def test_plan_rejects_unknown_impl():
     (33, 200, 48, "m32n64k32w4s2x2"),    # two epilogue slices, ragged N, nested loop
     (64, 64, 64, "m64n64k64w4s3x1f"),    # one tile
     (150, 72, 40, "m32n32k16w4s2x2fws"),  # warp-specialized tile loop (a hint; the same math)
+    (70, 72, 200, "m32n64k128w4s2x1f"),  # a K step deeper than a ragged K's last one
 ])
 def test_triton_gemm_matches_reference(rows, n, k, tile):
     g = torch.Generator().manual_seed(rows + n + k)
@@ -145,11 +146,14 @@ def test_gemm_tiles_parse_and_validate():
 
 
 def test_gemm_candidates_narrow_with_the_shape():
-    """Small GEMMs time only the tiles at most 128 wide, large ones only one 128-row program per
-    SM, mid-size ones all: every list is a subset of the candidates and none is empty."""
+    """Small GEMMs time only the tiles at most 128 wide (the 128-deep ones only there), large ones
+    only one 128-row program per SM, mid-size ones the rest: every list is a subset of the
+    candidates and none is empty."""
     from modeling import kernels
     small, mid, large = (set(kernels.gemm_tiles(r)) for r in (196, 4096, 50176))
-    assert small < mid and large < mid and mid == set(kernels.GEMM_TILE_CANDIDATES)
+    deep = {t for t in kernels.GEMM_TILE_CANDIDATES if ops.parse_gemm_tile(t).block_k == 128}
+    assert deep and deep < small and not deep & (mid | large)
+    assert large < mid and mid | deep == set(kernels.GEMM_TILE_CANDIDATES)
     assert all(ops.parse_gemm_tile(t).block_n <= 128 for t in small)
     assert all(ops.parse_gemm_tile(t).block_m == 128 and ops.parse_gemm_tile(t).per_sm == 1 for t in large)
     assert "m64n128k64w4s4x1f" in small and "m128n256k64w8s3x2f" in large
