@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU self-checks, verification, engine sweep, baselines, profiles.
 # Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks cold)
+# cold times MODEL:BATCH specs from COLD_SIZES (default: both models at batch 1 and 256).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -23,7 +24,7 @@ for step in "$@"; do
         python3 tools/profile_engine.py $m ait $b 2>&1 | grep -v Warn; done; done;;
     clocks) log clocks; python3 tools/graph_vs_eager.py vit_base_patch16_224 256;;
     cold) log "cold: one batch size compiled from an empty Triton cache and plan cache, each"
-      for spec in vit_base_patch16_224:1 vit_large_patch16_384:1 vit_base_patch16_224:256 vit_large_patch16_384:256; do
+      for spec in ${COLD_SIZES:-vit_base_patch16_224:1 vit_large_patch16_384:1 vit_base_patch16_224:256 vit_large_patch16_384:256}; do
         m=${spec%:*}; b=${spec#*:}
         TRITON_CACHE_DIR=$(mktemp -d) python3 benchmark_ait.py --model-name "$m" --batch-size "$b" \
           --cache-dir "$(mktemp -d)" --output-dir "$OUT/cold" 2>&1 | grep -E "ait ait batch|rror"
