@@ -33,12 +33,14 @@ from engine.cli import (device_option, dtype_option, engine_weights, fail_cleanl
 @weights_options
 @click.option("--param-path", type=click.Path(dir_okay=False), default=None, help="engine weight file to use")
 @click.option("--exact-gelu", is_flag=True, help="forbid the tanh-approximate GELU GEMM epilogue")
+@click.option("--deterministic", is_flag=True,
+              help="bitwise-repeatable outputs: no split-K GEMM tiles, whose partial sums land in the GPU's order")
 @click.option("--output-dir", type=click.Path(file_okay=False), default=".", show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False), default="tmp", show_default=True)
 @time_budget_option
 @fail_cleanly
 def main(model_name, variant, batch_size, use_fp16_acc, use_graph, device, dtype, checkpoint, seed, pretrained,
-         param_path, exact_gelu, output_dir, cache_dir, time_budget):
+         param_path, exact_gelu, deterministic, output_dir, cache_dir, time_budget):
     """Benchmark the fused engine."""
     from engine.compile import Options, compile_engine
     from engine.results import check_writable
@@ -62,7 +64,7 @@ def main(model_name, variant, batch_size, use_fp16_acc, use_graph, device, dtype
         say(f"CPU: short sweep {sizes} (about a minute); pass --batch-size N for others")
     say(f"model: {describe(cfg, dt)} on {target.name}; weights: {source}")
     announce(group, sizes, sweep_sizes(target) if batch_size == 0 else sizes, say)
-    options = Options(use_graph=use_graph, fp16_acc=use_fp16_acc, exact_gelu=exact_gelu)
+    options = Options(use_graph=use_graph, fp16_acc=use_fp16_acc, exact_gelu=exact_gelu, deterministic=deterministic)
     model = build_engine(cfg, state, dt, target.device)
 
     def make_runner(batch):
@@ -70,7 +72,7 @@ def main(model_name, variant, batch_size, use_fp16_acc, use_graph, device, dtype
         return engine.run, {"plan": engine.plan.as_dict(), "compile_s": engine.info["compile_s"],
                             "plan_s": engine.info.get("plan_s"),
                             "plan_source": engine.info["plan_source"], "use_graph": engine.use_graph,
-                            "fp16_acc": use_fp16_acc}
+                            "fp16_acc": use_fp16_acc, "deterministic": options.wants_determinism()}
 
     run_benchmark("ait", "ait", "ait", cfg, target, dt, sizes, make_runner, output_dir, source, time_budget,
                   group, say)

@@ -25,9 +25,11 @@ from engine.cli import (device_option, dtype_option, engine_weights, fail_cleanl
               help="float16 accumulation in cuBLAS GEMMs (float16 only)")
 @click.option("--use-graph", type=bool, default=None, help="capture a CUDA graph (default: on for CUDA)")
 @click.option("--exact-gelu", is_flag=True, help="forbid the tanh-approximate GELU GEMM epilogue")
+@click.option("--deterministic", is_flag=True,
+              help="bitwise-repeatable outputs: no split-K GEMM tiles, whose partial sums land in the GPU's order")
 @fail_cleanly
 def main(model_name, variant, device, dtype, batch_size, checkpoint, seed, pretrained, param_path,
-         use_fp16_acc, use_graph, exact_gelu):
+         use_fp16_acc, use_graph, exact_gelu, deterministic):
     """Compare the engine with TIMM on the same weights."""
     from engine.compile import Options
     from engine.sweep import sweep_sizes
@@ -41,7 +43,7 @@ def main(model_name, variant, device, dtype, batch_size, checkpoint, seed, pretr
     state, source, source_model = engine_weights(cfg, dt, checkpoint, seed, pretrained, param_path,
                                                  need_source_model=True)
     click.echo(f"model: {describe(cfg, dt)} on {target.name}; engine weights: {source}")
-    options = Options(use_graph=use_graph, fp16_acc=use_fp16_acc, exact_gelu=exact_gelu)
+    options = Options(use_graph=use_graph, fp16_acc=use_fp16_acc, exact_gelu=exact_gelu, deterministic=deterministic)
     failed = []
     for batch in sweep_sizes(target) if batch_size == 0 else [batch_size]:
         report = run_verification(cfg, state, source_model, target, dt, batch, options, seed=seed,

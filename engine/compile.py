@@ -24,8 +24,8 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "5"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
-# 5: 128-deep tiles at small M
+ENGINE_VERSION = "6"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+# 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -35,9 +35,14 @@ class Options:
     use_graph: Optional[bool] = None     # None: the target's default (on for CUDA, off for ROCm)
     fp16_acc: bool = False               # cuBLAS float16 accumulation (float16 GEMMs only)
     exact_gelu: bool = False             # forbid the tanh-approximate GELU epilogue for erf-GELU models
+    deterministic: bool = False          # bitwise-repeatable outputs: no split-K tiles (also when torch's
+                                         # deterministic algorithms are on)
+
+    def wants_determinism(self) -> bool:
+        return self.deterministic or torch.are_deterministic_algorithms_enabled()
 
     def key(self) -> dict:
-        return {"fp16_acc": self.fp16_acc, "exact_gelu": self.exact_gelu}
+        return {"fp16_acc": self.fp16_acc, "exact_gelu": self.exact_gelu, "deterministic": self.wants_determinism()}
 
 
 def apply_global_options(options: Options, dtype: torch.dtype):
@@ -209,18 +214,19 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(rows, cfg.embed_dim, device=dev, dtype=dtype, generator=gen)
     n = blk.norm1
-    norm, t_norm = _fastest({
-        "torch": lambda: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, "torch"),
-        "triton": lambda: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, "triton"),
-    }, dev, use_graph)
+    from modeling import kernels
+    norms = {"torch": lambda: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, "torch"),
+             "triton": lambda: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, "triton")}
+    if dtype != torch.float32:  # launch shapes only matter where the kernel is launch-bound
+        for t in kernels.norm_tiles(rows):
+            norms[f"triton:{t}"] = lambda t=t: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, "triton", tile=t)
     a = torch.randn(rows, cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
     residual, t_res = _fastest({
         "add": lambda: ops.residual_linear(x, a, blk.proj.weight, "add"),
         "addmm": lambda: ops.residual_linear(x, a, blk.proj.weight, "addmm"),
     }, dev, use_graph)
     # each block GEMM: cuBLAS, or our Triton GEMM with one of its tiles (kernels.py)
-    from modeling import kernels
-    tiles = kernels.gemm_tiles(rows) if kernels.gemm_supported(
+    tiles = kernels.gemm_tiles(rows, options.wants_determinism()) if kernels.gemm_supported(
         dev, dtype, cfg.embed_dim, cfg.mlp_hidden, 3 * cfg.num_heads * cfg.head_dim) else ()
     h = torch.randn(rows, cfg.mlp_hidden, device=dev, dtype=dtype, generator=gen)
     qkv = torch.randn(rows, 3 * cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
@@ -231,11 +237,14 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     if tanh_ok:
         fc1["epilogue"] = lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue")
     ours = "triton" if tanh_ok else "triton_erf"
+    def usable(tile, accumulate):  # its shared memory holds this epilogue; split K only accumulates
+        tile = ops.parse_gemm_tile(tile)
+        return tile.fits() and (accumulate or tile.split_k == 1)
     triton_fc1 = {f"{ours}:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, ours, t))
-                  for t in tiles}
+                  for t in tiles if usable(t, False)}
 
-    def gemm_tiled(run_tile, accumulate=False):  # tiles whose shared memory holds this epilogue
-        return {t: (lambda t=t: run_tile(t)) for t in tiles if ops.parse_gemm_tile(t).fits(accumulate)}
+    def gemm_tiled(run_tile, accumulate=False):
+        return {t: (lambda t=t: run_tile(t)) for t in tiles if usable(t, accumulate)}
     w, b = blk.qkv.weight, blk.qkv.bias
     triton_qkv = gemm_tiled(lambda tile: ops.linear(x, w, b, tile))
     triton_proj = gemm_tiled(lambda tile: ops.residual_linear(x, a, blk.proj.weight, residual, tile), True)
@@ -254,8 +263,12 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
                 triton_attention[f"triton:{tile}"] = attention_with("triton", str(tile))
-    _precompile([launch for site in (triton_fc1, triton_qkv, triton_proj, triton_fc2, triton_attention)
+    triton_norms = {k: v for k, v in norms.items() if k.startswith("triton")}
+    _precompile([launch for site in (triton_fc1, triton_qkv, triton_proj, triton_fc2, triton_attention, triton_norms)
                  for launch in site.values()])
+
+    norm, t_norm = _fastest(norms, dev, use_graph)
+    norm, _, norm_tile = norm.partition(":")
 
     mlp_act, t_act = _fastest({**fc1, **triton_fc1}, dev, use_graph)
     mlp_act, _, fc1_tile = mlp_act.partition(":")
@@ -268,7 +281,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, blk.fc2.weight, residual), triton_fc2)
     attention, t_attn = _fastest({**sdpa, **triton_attention}, dev, use_graph)
     attention, _, tile = attention.partition(":")
-    plan = ops.Plan(norm=norm, mlp_act=mlp_act, residual=residual, attention=attention, attention_tile=tile,
+    plan = ops.Plan(norm=norm, norm_tile=norm_tile, mlp_act=mlp_act, residual=residual, attention=attention, attention_tile=tile,
                     qkv_tile=qkv_tile, fc1_tile=fc1_tile, proj_tile=proj_tile, fc2_tile=fc2_tile)
     return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn, "qkv": t_qkv,
                   "proj": t_proj, "fc2": t_fc2}

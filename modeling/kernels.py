@@ -57,22 +57,35 @@ def _layer_norm_kernel(X, Y, W, B, S, n_rows, n_cols, stride_x, stride_y, eps,
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               shift: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """LayerNorm over the last dim of a 2-D (rows, cols) tensor whose rows may be strided."""
+               shift: torch.Tensor | None = None, out: torch.Tensor | None = None,
+               rows: int = 0, num_warps: int = 0) -> torch.Tensor:
+    """LayerNorm over the last dim of a 2-D (rows, cols) tensor whose rows may be strided; `rows`
+    per program and `num_warps` (0: by size)."""
     assert x.dim() == 2 and x.stride(1) == 1, "layer_norm wants a 2-D tensor with contiguous rows"
     n_rows, n_cols = x.shape
     if out is None:
         out = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype)
     block = triton.next_power_of_2(n_cols)
     # about 4K elements per program keeps registers modest and programs plentiful
-    rows = max(1, min(16, 4096 // block))
-    num_warps = 4 if block * rows <= 4096 else 8
+    rows = rows or max(1, min(16, 4096 // block))
+    num_warps = num_warps or (4 if block * rows <= 4096 else 8)
     grid = (triton.cdiv(n_rows, rows),)
     _launch(
         _layer_norm_kernel, grid, x, out, weight, bias, shift if shift is not None else weight, n_rows, n_cols,
         x.stride(0), out.stride(0), eps, HAS_SHIFT=shift is not None, ROWS=rows, BLOCK=block,
         num_warps=num_warps)
     return out
+
+
+# Launches of the LayerNorm that beat the by-size default at up to a few thousand rows
+# (tools/norm_tiles.py, perf-notes attempt 30): fewer rows per program, more programs in flight.
+NORM_TILE_CANDIDATES = ("r1w2", "r2w4", "r2w8", "r4w8")
+
+
+def norm_tiles(rows: int) -> tuple:
+    """The LayerNorm launches worth timing besides the default: below 4096 rows only (from there
+    the default is within 1-2% of the best)."""
+    return NORM_TILE_CANDIDATES if rows < 4096 else ()
 
 
 @triton.jit
@@ -267,19 +280,29 @@ def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, SPLIT_N: tl.constexpr,
                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACCUMULATE: tl.constexpr,
-                   FLATTEN: tl.constexpr, WS: tl.constexpr):
+                   FLATTEN: tl.constexpr, WS: tl.constexpr, REDUCE: tl.constexpr, SPLIT_K: tl.constexpr):
     # C = act(A @ W^T + bias), or C += A @ W^T (ACCUMULATE: the residual stream in place).
     # One program per SM walks the output tiles (grouped by GROUP_M rows of tiles so W stays in
     # L2); operand tiles move by TMA, and with FLATTEN the pipeliner issues the next tile's loads
     # while this tile's epilogue runs. The epilogue is stored in SPLIT_N column slices to keep
     # its registers and shared-memory staging small. WS asks Triton to warp-specialize the loop
     # (on Hopper: a producer warp for the TMA loads, the 8 warps split into two consumer groups).
+    # ACCUMULATE adds the tile, rounded to C's dtype, into C by a TMA reduce-add store (REDUCE 1;
+    # REDUCE 2, the CPU interpreter's stand-in, loads and stores with the same rounding): no load
+    # of C to wait for. So SPLIT_K work units can share a tile, each adding its own slice of K
+    # into C (the same trip count for every unit: the last one reads zeros past K). The order of
+    # those adds is the GPU's, so a split tile is not bitwise deterministic.
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
-    k_steps = tl.cdiv(K, BLOCK_K)
+    k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    n_tiles = n_m * n_n
     per_group = GROUP_M * n_n
     SLICE: tl.constexpr = BLOCK_N // SPLIT_N
-    for tile in tl.range(tl.program_id(0), n_m * n_n, PROGRAMS, flatten=FLATTEN, warp_specialize=WS):
+    for unit in tl.range(tl.program_id(0), n_tiles * SPLIT_K, PROGRAMS, flatten=FLATTEN, warp_specialize=WS):
+        tile = unit % n_tiles
+        k_first = 0
+        if SPLIT_K > 1:
+            k_first = (unit // n_tiles) * k_steps * BLOCK_K
         group = tile // per_group
         first_m = group * GROUP_M
         rows_here = min(n_m - first_m, GROUP_M)
@@ -289,8 +312,8 @@ def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K,
         off_n = pid_n * BLOCK_N
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for ks in range(k_steps):
-            a = a_desc.load([off_m, ks * BLOCK_K])
-            w = w_desc.load([off_n, ks * BLOCK_K])
+            a = a_desc.load([off_m, k_first + ks * BLOCK_K])
+            w = w_desc.load([off_n, k_first + ks * BLOCK_K])
             acc = tl.dot(a, w.T, acc)
         if SPLIT_N == 1:
             parts = (acc,)
@@ -304,9 +327,13 @@ def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K,
                 part += tl.load(BIAS + offs, mask=offs < N, other=0.0).to(tl.float32)[None, :]
             if ACT:
                 part = _gelu(part, ACT)
-            if ACCUMULATE:
-                part += c_desc.load([off_m, cols]).to(tl.float32)
-            c_desc.store([off_m, cols], part.to(c_desc.dtype))
+            if not ACCUMULATE:
+                c_desc.store([off_m, cols], part.to(c_desc.dtype))
+            elif REDUCE == 1:
+                c_desc.atomic_add([off_m, cols], part.to(c_desc.dtype))
+            else:  # the interpreter has no reduce-add store
+                c_desc.store([off_m, cols], (part.to(c_desc.dtype).to(tl.float32)
+                                             + c_desc.load([off_m, cols]).to(tl.float32)).to(c_desc.dtype))
 
 
 @dataclass(frozen=True)
@@ -321,38 +348,44 @@ class GemmTile:
     per_sm: int = 1    # programs per SM: 2 lets one program's epilogue overlap the other's mainloop
     group_m: int = 8
     ws: bool = False   # Triton's automatic warp specialization of the tile loop (8-warp tiles on Hopper)
+    split_k: int = 1   # in-place accumulation only: work units per tile, each adding a slice of K
 
     def __str__(self):
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.warps}s{self.stages}"
                 f"x{self.split_n}{'f' if self.flatten else ''}{f'o{self.per_sm}' if self.per_sm > 1 else ''}"
-                f"{'ws' if self.ws else ''}")
+                f"{'ws' if self.ws else ''}{f'sk{self.split_k}' if self.split_k > 1 else ''}")
 
-    def fits(self, accumulate: bool, shared_bytes: int = 232448) -> bool:
-        """Whether the operand ring and the epilogue staging (twice for the in-place residual,
-        which loads C too) fit the H100's shared memory, so a tile that cannot launch is not
-        compiled and timed at all (the 128x256 4-stage tile with accumulation needs 262 KB)."""
+    def fits(self, shared_bytes: int = 232448) -> bool:
+        """Whether the operand ring and the epilogue staging fit the H100's shared memory, so a
+        tile that cannot launch is not compiled and timed at all. (The in-place residual stages
+        only its output too: C is never loaded, the tile is added by a reduce-add store.)"""
         ring = self.stages * (self.block_m + self.block_n) * self.block_k * 2
-        staging = self.block_m * (self.block_n // self.split_n) * 2 * (2 if accumulate else 1)
+        staging = self.block_m * (self.block_n // self.split_n) * 2
         return (ring + staging) * self.per_sm <= shared_bytes
 
 
 # Tiles that beat cuBLAS somewhere on the H100 (tools/gemm_tiles.py, docs/perf-notes.md): wide
 # 128x256 tiles with a two-slice epilogue at large M (warp-specialized or not), 64x128 / 128x128 at
-# batch 1, two small-tile programs per SM for the residual GEMMs at batch 1, and 128-deep K steps
-# for the small-M GEMMs (half the pipeline round trips per byte moved; perf-notes attempt 28).
+# batch 1, 128-deep K steps for the small-M GEMMs (half the pipeline round trips per byte moved;
+# perf-notes attempt 28), and split K for the small-M residual GEMMs (attempt 29).
 GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n256k64w8s3x2fws", "m128n128k64w4s4x1f",
-                        "m64n128k64w4s4x1f", "m64n128k64w4s3x1fo2", "m128n64k64w4s3x1fo2",
-                        "m64n128k128w4s4x1f", "m64n64k128w4s4x1f")
+                        "m64n128k64w4s4x1f", "m64n128k128w4s4x1f", "m64n64k128w4s4x1f",
+                        "m128n128k64w4s4x1fsk2", "m128n128k64w4s4x1fsk3", "m64n128k128w4s4x1fsk3",
+                        "m64n64k128w4s4x1fsk2")
 
 
-def gemm_tiles(rows: int) -> tuple:
+def gemm_tiles(rows: int, deterministic: bool = False) -> tuple:
     """The candidate tiles worth timing for a GEMM of `rows` rows. Each tile is a kernel to compile
     (~1 s from a cold cache) and time, so only those that ever won at such sizes: from 8192 rows,
     the 128-row tiles one program per SM; below 1024 rows (ViT-B/16 batch 1-4, ViT-L/16 batch 1),
     the tiles at most 128 columns wide (tools/gemm_tiles.py: the 128x256 tiles trail the
-    narrower ones there by 30% to 2.5x), and the 128-deep tiles only there."""
+    narrower ones there by 30% to 2.5x), and the 128-deep tiles only there; split K below 2048
+    rows, where the unsplit tiles leave SMs idle, and not at all when `deterministic` (the
+    split units' adds land in whatever order the GPU runs them)."""
     from .ops import parse_gemm_tile
     tiles = [parse_gemm_tile(t) for t in GEMM_TILE_CANDIDATES]
+    if deterministic or rows >= 2048:
+        tiles = [t for t in tiles if t.split_k == 1]
     if rows < 1024:
         return tuple(str(t) for t in tiles if t.block_n <= 128)
     tiles = [t for t in tiles if t.block_k == 64]
@@ -377,19 +410,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     N = weight.shape[0]
     assert not (accumulate and (out is None or bias is not None or act)), \
         "in-place accumulation needs `out` and takes no bias or act"
+    assert accumulate or tile.split_k == 1, f"tile {tile}: split K is for in-place accumulation only"
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     a_desc = TensorDescriptor.from_tensor(x, [tile.block_m, tile.block_k])
     w_desc = TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k])
     c_desc = TensorDescriptor.from_tensor(out, [tile.block_m, tile.block_n // tile.split_n])
-    tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
+    units = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n) * tile.split_k
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    programs = min(sms * tile.per_sm, tiles)
+    programs = min(sms * tile.per_sm, units)
     _launch(
         _linear_kernel, (programs,), a_desc, w_desc, c_desc, bias if bias is not None else weight, M, N, K,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         PROGRAMS=programs, SPLIT_N=tile.split_n, HAS_BIAS=bias is not None,
         ACT={"": 0, "gelu": 1, "gelu_tanh": 3 if x.is_cuda else 2}[act], ACCUMULATE=accumulate, FLATTEN=tile.flatten,
-        WS=tile.ws,
+        WS=tile.ws, REDUCE=1 if x.is_cuda else 2, SPLIT_K=tile.split_k,
         num_warps=tile.warps, num_stages=tile.stages)
     return out

@@ -35,6 +35,7 @@ ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn", "triton")
 class Plan:
     """Which implementation each op uses. The default is the plain-PyTorch reference."""
     norm: str = "torch"            # LayerNorm: torch's, or the Triton kernel (kernels.py)
+    norm_tile: str = ""            # the Triton LayerNorm's launch: rows per program and warps, e.g. "r2w4" ("": by size)
     mlp_act: str = "separate"      # fc1 + GELU: two kernels; GELU(tanh) in the cuBLASLt epilogue; or in our
                                    # GEMM's epilogue (fc1_tile), "triton" tanh, "triton_erf" exact
     residual: str = "add"          # proj/fc2 + residual: out-of-place add, or in-place addmm
@@ -52,6 +53,8 @@ class Plan:
                 raise ValueError(f"plan.{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
         if self.attention_tile:
             parse_attention_tile(self.attention_tile)
+        if self.norm_tile:
+            parse_norm_tile(self.norm_tile)
         for name in ("qkv_tile", "fc1_tile", "proj_tile", "fc2_tile"):
             if getattr(self, name):
                 parse_gemm_tile(getattr(self, name), name)
@@ -103,12 +106,23 @@ def layer_norm_reference(x, weight, bias, eps, shift=None):
     return F.layer_norm(x32, x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
 
 
-def layer_norm(x, weight, bias, eps, shift=None, impl="torch", out=None):
+@functools.lru_cache(maxsize=None)
+def parse_norm_tile(text: str):
+    """"r2w4" -> (rows per program, warps), powers of two; ValueError when malformed."""
+    m = re.fullmatch(r"r(\d+)w(\d+)", text)
+    if not m or any(int(v) < 1 or int(v) & (int(v) - 1) for v in m.groups()) or int(m[2]) > 32:
+        raise ValueError(f"plan.norm_tile={text!r}; expected like r2w4 (powers of two, at most 32 warps)")
+    return int(m[1]), int(m[2])
+
+
+def layer_norm(x, weight, bias, eps, shift=None, impl="torch", out=None, tile=""):
     """LayerNorm(x + shift) over the last dim; statistics in float32, output in x's dtype. The
-    Triton kernel writes `out` (which may be x itself: each row is read whole before it is written)."""
+    Triton kernel writes `out` (which may be x itself: each row is read whole before it is written),
+    launched as `tile` says ("": by size)."""
     if impl == "triton":
         from . import kernels
-        return kernels.layer_norm(x, weight, bias, eps, shift, out=out)
+        rows, warps = parse_norm_tile(tile) if tile else (0, 0)
+        return kernels.layer_norm(x, weight, bias, eps, shift, out=out, rows=rows, num_warps=warps)
     return layer_norm_reference(x, weight, bias, eps, shift)
 
 
@@ -117,13 +131,16 @@ def layer_norm(x, weight, bias, eps, shift=None, impl="torch", out=None):
 @functools.lru_cache(maxsize=None)  # called on every forward outside a CUDA graph
 def parse_gemm_tile(text: str, what: str = "gemm tile"):
     """"m128n256k64w8s3x2f" -> kernels.GemmTile (block m/n/k, warps, stages, epilogue slices,
-    f: flattened persistent loop, o2: two programs per SM, ws: warp-specialized); ValueError when malformed."""
-    m = re.fullmatch(r"m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)x([12])(f?)(?:o([12]))?(ws)?", text)
+    f: flattened persistent loop, o2: two programs per SM, ws: warp-specialized, sk3: K split in 3 work units
+    per tile, for the in-place residual GEMMs only); ValueError when malformed."""
+    m = re.fullmatch(r"m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)x([12])(f?)(?:o([12]))?(ws)?(?:sk([2-8]))?", text)
     if not m or int(m[2]) % int(m[6]):
         raise ValueError(f"plan.{what}={text!r}; expected like m128n256k64w8s3x2f")
+    if m[10] and what in ("qkv_tile", "fc1_tile"):
+        raise ValueError(f"plan.{what}={text!r}: split K (sk) is for the in-place proj and fc2 GEMMs only")
     from .kernels import GemmTile
     return GemmTile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]), int(m[6]), bool(m[7]), int(m[8] or 1),
-                    ws=bool(m[9]))
+                    ws=bool(m[9]), split_k=int(m[10] or 1))
 
 
 def linear(x, weight, bias, tile="", out=None):

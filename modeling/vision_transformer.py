@@ -38,7 +38,7 @@ class LayerNorm(nn.Module):
         self.register_buffer("shift", torch.zeros(dim) if shift else None)
 
     def forward(self, x, plan: ops.Plan, out=None):
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.shift, plan.norm, out=out)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.shift, plan.norm, out=out, tile=plan.norm_tile)
 
 
 class Linear(nn.Module):
@@ -162,7 +162,7 @@ class VisionTransformer(nn.Module):
         if cfg.final_norm and cfg.global_pool != "token":
             # a per-token norm before a reduction: normalize every token, then pool
             normed = ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, self.final_shift, plan.norm,
-                                    out=_slot(arena, "narrow", cfg.embed_dim))
+                                    out=_slot(arena, "narrow", cfg.embed_dim), tile=plan.norm_tile)
             return ops.pool_tokens(normed.view_as(tokens), cfg.global_pool, cfg.num_prefix_tokens,
                                    cfg.pool_include_prefix)
         pooled = ops.pool_tokens(tokens, cfg.global_pool, cfg.num_prefix_tokens, cfg.pool_include_prefix)

@@ -217,8 +217,8 @@ def test_plan_times_long_calls_one_per_graph_replay():
 
 def test_choose_plan_times_every_candidate_of_every_site():
     """The whole plan search on the CPU interpreter (float16 micro model, no graphs): each GEMM site
-    times cuBLAS and every candidate tile, the in-place residual sites only the tiles whose shared
-    memory holds their epilogue, and the choice is a valid plan."""
+    times cuBLAS and every candidate tile (split K only at the in-place residual sites), LayerNorm
+    its launch shapes, and the choice is a valid plan."""
     from unittest import mock
 
     from engine.compile import Options, choose_plan
@@ -229,12 +229,13 @@ def test_choose_plan_times_every_candidate_of_every_site():
     model = wu.build_engine(cfg, wu.convert(timm_model, cfg), torch.float16, "cpu")
     # every candidate tile, as at mid-size batches (the micro model's 34 rows would get only the narrow ones)
     with mock.patch.object(Target, "attention_backends", new=property(lambda self: ("math",))), \
-            mock.patch.object(kernels, "gemm_tiles", lambda rows: kernels.GEMM_TILE_CANDIDATES):
+            mock.patch.object(kernels, "gemm_tiles", lambda rows, deterministic: kernels.GEMM_TILE_CANDIDATES):
         plan, report = choose_plan(model, 2, Target("cpu", torch.device("cpu"), "cpu"), Options(), use_graph=False)
     tiles = set(kernels.GEMM_TILE_CANDIDATES)
-    in_place = {t for t in tiles if ops.parse_gemm_tile(t).fits(accumulate=True)}
-    assert tiles - in_place  # the 4-stage 128x256 tile cannot hold the residual
-    assert set(report["qkv"]) == {"cublas"} | tiles
-    assert set(report["proj"]) == set(report["fc2"]) == {"cublas"} | in_place
-    assert set(report["mlp_act"]) == {"separate", "epilogue"} | {f"triton:{t}" for t in tiles}
+    unsplit = {t for t in tiles if ops.parse_gemm_tile(t).split_k == 1}
+    assert tiles - unsplit  # split K: timed at the residual sites only
+    assert set(report["qkv"]) == {"cublas"} | unsplit
+    assert set(report["proj"]) == set(report["fc2"]) == {"cublas"} | tiles
+    assert set(report["mlp_act"]) == {"separate", "epilogue"} | {f"triton:{t}" for t in unsplit}
+    assert set(report["norm"]) == {"torch", "triton"} | {f"triton:{t}" for t in kernels.norm_tiles(34)}
     assert set(report["attention"]) == {"math"} and isinstance(plan, ops.Plan)

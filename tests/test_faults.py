@@ -471,9 +471,16 @@ def test_cache_entry_used_only_when_whole_and_matching(micro, tmp_path):
                            (ec.cache_key(vit_config(MICRO, reg_tokens=1), 4, torch.float16, FAKE_GPU, ec.Options()),
                             "config"),
                            (ec.cache_key(cfg, 4, torch.float16, FAKE_GPU, ec.Options(fp16_acc=True)), "options"),
+                           (ec.cache_key(cfg, 4, torch.float16, FAKE_GPU, ec.Options(deterministic=True)), "options"),
                            ({**key, "torch": "1.0"}, "torch"), ({**key, "engine": "0"}, "engine")]:
         got, why = ec.load_cached_plan(directory, other)
         assert got is None and why.startswith("stale or foreign cache entry") and differs in why, why
+    torch.use_deterministic_algorithms(True)  # torch's switch asks for determinism too
+    try:
+        assert ec.cache_key(cfg, 4, torch.float16, FAKE_GPU, ec.Options()) == \
+            ec.cache_key(cfg, 4, torch.float16, FAKE_GPU, ec.Options(deterministic=True)) != key
+    finally:
+        torch.use_deterministic_algorithms(False)
     entry = directory / "plan.json"
     whole = entry.read_bytes()
     broken = [whole[: len(whole) // 2], b"", b"\xff\xfe\x00garbage", b"[1, 2]", b'{"key": 1}',

@@ -33,6 +33,21 @@ def test_triton_layer_norm_strided_rows_and_plain_semantics():
     assert torch.allclose(got, F.layer_norm(rows + s, (192,), w, b, 1e-5), atol=1e-5)
 
 
+@pytest.mark.parametrize("tile", ["r1w2", "r2w8", "r16w4", "r1w1"])
+def test_triton_layer_norm_launch_shapes(tile):
+    """Every launch shape the plan may pick computes the same LayerNorm (rows that do not fill
+    the last program, rows narrower than the warps' reach)."""
+    from modeling import kernels
+    g = torch.Generator().manual_seed(len(tile))
+    x = torch.randn(37, 200, generator=g).half()
+    w, b, s = (torch.randn(200, generator=g) for _ in range(3))
+    assert _rel(ops.layer_norm(x, w, b, 1e-6, s, "triton", tile=tile), ops.layer_norm_reference(x, w, b, 1e-6, s)) < 2e-3
+    assert set(kernels.norm_tiles(576)) == set(kernels.NORM_TILE_CANDIDATES) and kernels.norm_tiles(50176) == ()
+    for bad in ("r3w4", "r2", "r2w64", "w4r2", "r0w4"):
+        with pytest.raises(ValueError, match="norm_tile"):
+            ops.Plan(norm="triton", norm_tile=bad)
+
+
 def test_triton_layer_norm_eps_matters():
     x = torch.randn(7, 192) * 1e-3  # variance near eps: a wrong eps must change the output
     w, b = torch.ones(192), torch.zeros(192)
@@ -102,11 +117,19 @@ def test_plan_rejects_unknown_impl():
     (64, 64, 64, "m64n64k64w4s3x1f"),    # one tile
     (150, 72, 40, "m32n32k16w4s2x2fws"),  # warp-specialized tile loop (a hint; the same math)
     (70, 72, 200, "m32n64k128w4s2x1f"),  # a K step deeper than a ragged K's last one
+    (90, 40, 176, "m32n32k32w4s2x1fsk3"),  # split K: 6 steps in 3 units of 2 (the residual only)
+    (50, 64, 80, "m32n32k16w4s2x2fsk2"),  # 5 K steps in 2 units of 3, the last reading zeros past K
 ])
 def test_triton_gemm_matches_reference(rows, n, k, tile):
     g = torch.Generator().manual_seed(rows + n + k)
     x, w, b = (torch.randn(*s, generator=g) for s in ((rows, k), (n, k), (n,)))
     w /= k ** 0.5
+    stream = torch.randn(rows, n, generator=g)
+    want = ops.residual_linear_reference(stream, x, w)
+    got = ops.residual_linear(stream, x, w, "add", tile)
+    assert got.data_ptr() == stream.data_ptr() and _rel(got, want) < 1e-5  # accumulated in place
+    if ops.parse_gemm_tile(tile).split_k > 1:
+        return  # split K serves the in-place residual GEMMs only
     assert _rel(ops.linear(x, w, b, tile), ops.linear(x, w, b)) < 1e-5
     for act in ("gelu", "gelu_tanh"):
         from modeling import kernels
@@ -115,10 +138,6 @@ def test_triton_gemm_matches_reference(rows, n, k, tile):
     # the plan's fc1 paths: "triton" is the tanh approximation whatever the model's GELU, "triton_erf" exact
     assert _rel(ops.linear_gelu(x, w, b, "gelu", "triton", tile), ops.linear_gelu_reference(x, w, b, "gelu_tanh")) < 1e-5
     assert _rel(ops.linear_gelu(x, w, b, "gelu", "triton_erf", tile), ops.linear_gelu_reference(x, w, b, "gelu")) < 1e-5
-    stream = torch.randn(rows, n, generator=g)
-    want = ops.residual_linear_reference(stream, x, w)
-    got = ops.residual_linear(stream, x, w, "add", tile)
-    assert got.data_ptr() == stream.data_ptr() and _rel(got, want) < 1e-5  # accumulated in place
     h = x.to(torch.float16)
     assert _rel(ops.linear(h, w.half(), b.half(), tile).float(), ops.linear(x, w, b)) < 2e-3
 
@@ -132,12 +151,19 @@ def test_gemm_tiles_parse_and_validate():
     assert two.per_sm == 2 and str(two) == "m64n128k64w4s3x1fo2"
     ws = ops.parse_gemm_tile("m128n256k64w8s3x2fws")
     assert ws.ws and not tile.ws and str(ws) == "m128n256k64w8s3x2fws"
-    # the H100 said: 262,192 bytes of shared memory for the 4-stage 128x256 tile accumulating in place
-    deep = ops.parse_gemm_tile("m128n256k64w8s4x2f")
-    assert deep.fits(accumulate=False) and not deep.fits(accumulate=True) and tile.fits(accumulate=True)
-    for bad in ("m128n256k64", "m128n256k64w8s3x3f", "m128n255k64w8s3x2", "m64n128k64w4s3x1fo3", "m64n128k64w4s3x1w"):
+    split = ops.parse_gemm_tile("m128n128k64w4s4x1fsk3")
+    assert split.split_k == 3 and tile.split_k == 1 and str(split) == "m128n128k64w4s4x1fsk3"
+    # shared memory: the 4-stage 128x256 ring and its epilogue slice fit (the residual is added by a
+    # reduce-add store, C is never staged); a fifth stage does not
+    assert ops.parse_gemm_tile("m128n256k64w8s4x2f").fits() and not ops.parse_gemm_tile("m128n256k64w8s5x2f").fits()
+    for bad in ("m128n256k64", "m128n256k64w8s3x3f", "m128n255k64w8s3x2", "m64n128k64w4s3x1fo3", "m64n128k64w4s3x1w",
+                "m64n128k64w4s3x1fsk1", "m64n128k64w4s3x1fsk9"):
         with pytest.raises(ValueError, match="fc2_tile"):
             ops.Plan(fc2_tile=bad)
+    ops.Plan(proj_tile="m64n64k128w4s4x1fsk2", fc2_tile="m64n64k128w4s4x1fsk2")
+    for site in ("qkv_tile", "fc1_tile"):  # split K adds into its output: only the in-place residual GEMMs can
+        with pytest.raises(ValueError, match=f"{site}.*in-place"):
+            ops.Plan(**{site: "m64n64k128w4s4x1fsk2"}, **({"mlp_act": "triton"} if site == "fc1_tile" else {}))
     # an fc1 tile and the fc1 path that uses it come together
     with pytest.raises(ValueError, match="fc1_tile"):
         ops.Plan(mlp_act="triton")
@@ -152,8 +178,13 @@ def test_gemm_candidates_narrow_with_the_shape():
     from modeling import kernels
     small, mid, large = (set(kernels.gemm_tiles(r)) for r in (196, 4096, 50176))
     deep = {t for t in kernels.GEMM_TILE_CANDIDATES if ops.parse_gemm_tile(t).block_k == 128}
+    split = {t for t in kernels.GEMM_TILE_CANDIDATES if ops.parse_gemm_tile(t).split_k > 1}
     assert deep and deep < small and not deep & (mid | large)
-    assert large < mid and mid | deep == set(kernels.GEMM_TILE_CANDIDATES)
+    # split K below 2048 rows only, and never when the outputs must repeat bit for bit
+    assert split < small and split & set(kernels.gemm_tiles(1500)) and not split & (mid | large)
+    assert not split & set(kernels.gemm_tiles(196, deterministic=True))
+    assert set(kernels.gemm_tiles(196, deterministic=True)) == small - split
+    assert large < mid and mid | deep | split == set(kernels.GEMM_TILE_CANDIDATES)
     assert all(ops.parse_gemm_tile(t).block_n <= 128 for t in small)
     assert all(ops.parse_gemm_tile(t).block_m == 128 and ops.parse_gemm_tile(t).per_sm == 1 for t in large)
     assert "m64n128k64w4s4x1f" in small and "m128n256k64w8s3x2f" in large

@@ -1,8 +1,9 @@
 """A/B of GEMM tile candidates end to end: the engine planned without the tiles named in
-AB_DROP and with every candidate, both graphs in one process, timed in alternation (the GPU's
-clock drifts between sequential runs, so two separate runs cannot resolve a few percent).
+AB_DROP and with every candidate plus those named in AB_ADD, both graphs in one process, timed
+in alternation (the GPU's clock drifts between sequential runs, so two separate runs cannot
+resolve a few percent).
 
-    AB_DROP="m64n128k128w4s4x1f m64n64k128w4s4x1f" python3 tools/ab_tiles.py MODEL:BATCH [...]
+    AB_DROP="m64n128k128w4s4x1f m64n64k128w4s4x1f" AB_ADD="m64n64k128w4s4x1fr" python3 tools/ab_tiles.py MODEL:BATCH [...]
 """
 import os
 import statistics
@@ -22,6 +23,7 @@ from modeling.config import vit_config
 
 target = detect("cuda")
 drop = set(os.environ.get("AB_DROP", "").split())
+add = tuple(os.environ.get("AB_ADD", "").split())
 kept = tuple(t for t in kernels.GEMM_TILE_CANDIDATES if t not in drop)
 for spec in sys.argv[1:]:
     name, batch = spec.split(":")
@@ -29,10 +31,10 @@ for spec in sys.argv[1:]:
     cfg = vit_config(name, "ait")
     model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=0)[0], cfg), torch.float16, target.device)
     engines = {}
-    for label, candidates in (("without", kept), ("with", kernels.GEMM_TILE_CANDIDATES)):
+    for label, candidates in (("without", kept), ("with", kernels.GEMM_TILE_CANDIDATES + add)):
         with mock.patch.object(kernels, "GEMM_TILE_CANDIDATES", candidates):
             engines[label] = compile_engine(model, batch, target, Options(), cache_root=tempfile.mkdtemp(), log=print)
-        print(f"{spec} {label} {' '.join(sorted(drop))}: plan {engines[label].plan}")
+        print(f"{spec} {label} {' '.join(sorted(drop | set(add)))}: plan {engines[label].plan}")
     times = {label: [] for label in engines}
     with torch.no_grad():
         for _ in range(4):

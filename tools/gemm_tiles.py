@@ -2,7 +2,7 @@
 beside the persistent TMA Triton GEMM (kernels.linear) over a grid of tiles (default: the plan's
 candidates at that size), each timed in CUDA graphs as the plan does and checked against float32.
 
-    [GEMM_TILES="m128n256k64w8s3x2f ..."] python3 tools/gemm_tiles.py [MODEL:BATCH ...]
+    [GEMM_TILES="m128n256k64w8s3x2f ..."] [GEMM_SITES="proj+= fc2+="] python3 tools/gemm_tiles.py [MODEL:BATCH ...]
 """
 import os
 import sys
@@ -20,6 +20,7 @@ dev = torch.device("cuda")
 shapes = [a.split(":") for a in sys.argv[1:]] or (
     [("vit_base_patch16_224", b) for b in (1, 64, 256)] + [("vit_large_patch16_384", b) for b in (1, 16, 256)])
 TILES = os.environ.get("GEMM_TILES", "").split()  # default: each site's plan candidates (kernels.gemm_tiles)
+SITES = os.environ.get("GEMM_SITES", "").split()  # default: all five
 
 
 def timed(fn, calls=5):
@@ -44,6 +45,8 @@ for name, batch in shapes:
     }
     print(f"== {name} batch {batch} (M={M})")
     for site, (a, w, b, act, acc) in sites.items():
+        if SITES and site not in SITES:
+            continue
         flops = 2 * a.shape[0] * a.shape[1] * w.shape[0]
         stream = rnd(M, w.shape[0]) if acc else None
         if acc:
@@ -61,8 +64,8 @@ for name, batch in shapes:
             if act:
                 want = F.gelu(want, approximate="tanh" if act == "gelu_tanh" else "none")
         for tile in map(parse_gemm_tile, TILES or kernels.gemm_tiles(M)):
-            if not tile.fits(acc):
-                continue  # cannot launch (shared memory)
+            if not tile.fits() or (tile.split_k > 1 and not acc):
+                continue  # cannot launch (shared memory), or split K at a site that does not accumulate
             try:
                 if acc:
                     out = stream.clone()
@@ -77,7 +80,8 @@ for name, batch in shapes:
             except Exception as e:  # noqa: BLE001 (shared-memory limits at big tiles)
                 print(f"  {site} {tile}: {type(e).__name__} {str(e).splitlines()[0][:90] if str(e) else ''}")
         rows.sort(key=lambda r: r[1])
-        best = rows[:6] + [r for r in rows[6:] if r[0] == "cuBLAS"]
+        top = int(os.environ.get("GEMM_TOP", "6"))
+        best = rows[:top] + [r for r in rows[top:] if r[0] == "cuBLAS"]
         print(f"  {site:15s} " + "  ".join(f"{n} {ms * 1e3:.1f}us {flops / ms / 1e9:.0f}TF/s"
                                              + (f" err {e:.0e}" if n != "cuBLAS" else "")
                                              for n, ms, e in best))
