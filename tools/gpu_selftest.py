@@ -38,13 +38,16 @@ for dtype in (torch.float16, torch.bfloat16):
     w /= 28
     want = ops.linear(a.float(), w.float(), b.float())
     for tile in kernels.GEMM_TILE_CANDIDATES:
-        got = ops.linear(a, w, b, tile).float()
         stream = torch.randn(197 * 3, 2304, device=dev, dtype=dtype)
         try:
             acc = ops.residual_linear(stream.clone(), a, w, "add", tile).float()
             err = f"{((acc - stream.float() - want + b.float()).norm() / want.norm()):.1e}"
-        except Exception as e:  # noqa: BLE001 (the in-place epilogue stages C in shared memory too)
+        except Exception as e:  # noqa: BLE001 (shared memory, on another GPU)
             err = type(e).__name__
+        if ops.parse_gemm_tile(tile).split_k > 1:  # split K: the in-place residual GEMMs only
+            print(f"triton gemm {tile} {dtype}: in place {err}")
+            continue
+        got = ops.linear(a, w, b, tile).float()
         tanh = ops.linear_gelu(a, w, b, "gelu", "triton", tile).float()  # the GPU's tanh instruction
         want_tanh = ops.linear_gelu_reference(a.float(), w.float(), b.float(), "gelu_tanh")
         print(f"triton gemm {tile} {dtype}: rel err {((got - want).norm() / want.norm()):.1e}, in place {err}, "
