@@ -16,8 +16,9 @@ one line per device (`..., rank: R, local_batch_size: N/2`).
 
 import click
 
-from engine.cli import (device_option, dtype_option, engine_weights, fail_cleanly, model_option, parse_dtype,
-                        resolve_config, run_benchmark, time_budget_option, variant_option, weights_options)
+from engine.cli import (deterministic_option, device_option, dtype_option, engine_weights, fail_cleanly,
+                        model_option, parse_dtype, resolve_config, run_benchmark, time_budget_option,
+                        variant_option, weights_options)
 
 
 @click.command()
@@ -33,8 +34,7 @@ from engine.cli import (device_option, dtype_option, engine_weights, fail_cleanl
 @weights_options
 @click.option("--param-path", type=click.Path(dir_okay=False), default=None, help="engine weight file to use")
 @click.option("--exact-gelu", is_flag=True, help="forbid the tanh-approximate GELU GEMM epilogue")
-@click.option("--deterministic", is_flag=True,
-              help="bitwise-repeatable outputs: no split-K GEMM tiles, whose partial sums land in the GPU's order")
+@deterministic_option
 @click.option("--output-dir", type=click.Path(file_okay=False), default=".", show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False), default="tmp", show_default=True)
 @time_budget_option

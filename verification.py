@@ -7,8 +7,8 @@ Prints `vision transformer verification pass` and exits 0, or says what failed a
 import click
 
 from engine import EngineError
-from engine.cli import (device_option, dtype_option, engine_weights, fail_cleanly, model_option, parse_dtype,
-                        resolve_config, variant_option, weights_options)
+from engine.cli import (deterministic_option, device_option, dtype_option, engine_weights, fail_cleanly,
+                        model_option, parse_dtype, resolve_config, variant_option, weights_options)
 
 
 @click.command()
@@ -25,8 +25,7 @@ from engine.cli import (device_option, dtype_option, engine_weights, fail_cleanl
               help="float16 accumulation in cuBLAS GEMMs (float16 only)")
 @click.option("--use-graph", type=bool, default=None, help="capture a CUDA graph (default: on for CUDA)")
 @click.option("--exact-gelu", is_flag=True, help="forbid the tanh-approximate GELU GEMM epilogue")
-@click.option("--deterministic", is_flag=True,
-              help="bitwise-repeatable outputs: no split-K GEMM tiles, whose partial sums land in the GPU's order")
+@deterministic_option
 @fail_cleanly
 def main(model_name, variant, device, dtype, batch_size, checkpoint, seed, pretrained, param_path,
          use_fp16_acc, use_graph, exact_gelu, deterministic):

@@ -38,6 +38,11 @@ device_option = click.option("--device", type=click.Choice(["cuda", "cpu"]), def
                              help="default: the GPU if there is one, else the CPU (with a notice)")
 
 
+deterministic_option = click.option(
+    "--deterministic", is_flag=True,
+    help="bitwise-repeatable outputs: no split-K GEMM tiles, whose partial sums land in the GPU's order")
+
+
 time_budget_option = click.option("--time-budget", type=click.FloatRange(min=0.0, min_open=True), default=2.0,
                                   show_default=True,
                                   help="seconds of timed calls per batch size (after a warm-up of up to 0.5 s)")

@@ -237,6 +237,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     if tanh_ok:
         fc1["epilogue"] = lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue")
     ours = "triton" if tanh_ok else "triton_erf"
+
     def usable(tile, accumulate):  # its shared memory holds this epilogue; split K only accumulates
         tile = ops.parse_gemm_tile(tile)
         return tile.fits() and (accumulate or tile.split_k == 1)
@@ -281,8 +282,8 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, blk.fc2.weight, residual), triton_fc2)
     attention, t_attn = _fastest({**sdpa, **triton_attention}, dev, use_graph)
     attention, _, tile = attention.partition(":")
-    plan = ops.Plan(norm=norm, norm_tile=norm_tile, mlp_act=mlp_act, residual=residual, attention=attention, attention_tile=tile,
-                    qkv_tile=qkv_tile, fc1_tile=fc1_tile, proj_tile=proj_tile, fc2_tile=fc2_tile)
+    plan = ops.Plan(norm=norm, norm_tile=norm_tile, mlp_act=mlp_act, residual=residual, attention=attention,
+                    attention_tile=tile, qkv_tile=qkv_tile, fc1_tile=fc1_tile, proj_tile=proj_tile, fc2_tile=fc2_tile)
     return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn, "qkv": t_qkv,
                   "proj": t_proj, "fc2": t_fc2}
 

@@ -35,7 +35,8 @@ ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn", "triton")
 class Plan:
     """Which implementation each op uses. The default is the plain-PyTorch reference."""
     norm: str = "torch"            # LayerNorm: torch's, or the Triton kernel (kernels.py)
-    norm_tile: str = ""            # the Triton LayerNorm's launch: rows per program and warps, e.g. "r2w4" ("": by size)
+    norm_tile: str = ""            # the Triton LayerNorm's launch: rows per program and warps, e.g. "r2w4"
+                                   # ("": by size)
     mlp_act: str = "separate"      # fc1 + GELU: two kernels; GELU(tanh) in the cuBLASLt epilogue; or in our
                                    # GEMM's epilogue (fc1_tile), "triton" tanh, "triton_erf" exact
     residual: str = "add"          # proj/fc2 + residual: out-of-place add, or in-place addmm
