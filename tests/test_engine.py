@@ -239,3 +239,76 @@ def test_choose_plan_times_every_candidate_of_every_site():
     assert set(report["mlp_act"]) == {"separate", "epilogue"} | {f"triton:{t}" for t in unsplit}
     assert set(report["norm"]) == {"torch", "triton"} | {f"triton:{t}" for t in kernels.norm_tiles(34)}
     assert set(report["attention"]) == {"math"} and isinstance(plan, ops.Plan)
+    # every timed candidate names a valid plan, and the plan's own choices map back to it
+    from engine.compile import PLAN_SITES, with_choice
+    for site in PLAN_SITES:
+        for name in report[site]:
+            assert isinstance(with_choice(plan, site, name), ops.Plan)
+        assert with_choice(plan, site, min(report[site], key=report[site].get)) == plan
+
+
+def _plan_report():
+    from modeling import ops
+    plan = ops.Plan(norm="triton", norm_tile="r2w4", mlp_act="triton", fc1_tile="m64n128k128w4s4x1f",
+                    residual="addmm", attention="triton", attention_tile="m64n64w4s3", qkv_tile="m64n128k128w4s4x1f")
+    report = {"norm": {"torch": 9.0, "triton": 3.3, "triton:r2w4": 3.0},
+              "mlp_act": {"epilogue": 10.3, "triton:m64n128k128w4s4x1f": 10.0, "separate": 14.0},
+              "qkv": {"cublas": 9.5, "m64n128k128w4s4x1f": 9.0},
+              "proj": {"cublas": 5.0, "m64n64k128w4s4x1fsk2": 6.0},
+              "fc2": {"cublas": 8.0, "m64n128k128w4s4x1fsk3": 8.05},
+              "attention": {"triton:m64n64w4s3": 5.0, "cudnn": 7.0},
+              "residual": {"add": 2.0, "addmm": 1.0}}
+    return plan, report
+
+
+def test_runners_up_are_each_sites_closest_alternative_within_reach():
+    from engine.compile import estimated_forward_ms, runners_up
+    plan, report = _plan_report()
+    alternatives = runners_up(plan, report, close=0.1, limit=4)
+    # closest first; proj's split tile (20% slower) and cuDNN (40%) are out of reach
+    assert list(alternatives) == ["fc2=m64n128k128w4s4x1fsk3", "mlp_act=epilogue", "qkv=cublas", "norm=triton"]
+    assert alternatives["mlp_act=epilogue"].mlp_act == "epilogue" and alternatives["mlp_act=epilogue"].fc1_tile == ""
+    assert alternatives["qkv=cublas"].qkv_tile == "" and alternatives["norm=triton"].norm_tile == ""
+    assert all(sum(getattr(a, f) != getattr(plan, f) for f in plan.as_dict()) <= 2 for a in alternatives.values())
+    assert list(runners_up(plan, report, close=0.1, limit=2)) == ["fc2=m64n128k128w4s4x1fsk3", "mlp_act=epilogue"]
+    assert runners_up(plan, report, close=0.01) == {"fc2=m64n128k128w4s4x1fsk3": alternatives[
+        "fc2=m64n128k128w4s4x1fsk3"]}
+    assert estimated_forward_ms(plan, report, depth=2) == pytest.approx(2 * (2 * 3.0 + 10.0 + 5.0 + 9.0 + 5.0 + 8.0))
+
+
+def test_refine_plan_keeps_the_fastest_whole_forward():
+    """The end-to-end check overrides the isolated timings: a swap that wins in the whole graph is
+    taken; two winning swaps are combined when the combination beats the better one alone."""
+    from engine.compile import refine_plan, with_choice
+    plan, report = _plan_report()
+    calls = []
+
+    def timer(whole_forward_ms):
+        def time_plans(plans):
+            calls.append(list(plans))
+            return {label: whole_forward_ms(p) for label, p in plans.items()}
+        return time_plans
+
+    # nothing beats the plan end to end: it stays
+    same, times = refine_plan(plan, report, timer(lambda p: 1.0 if p == plan else 1.1))
+    assert same == plan and set(times) == {"chosen", *calls[0][1:]} and len(calls) == 1
+    # our fc1 lost end to end (attempt 31): cuBLAS's GELU epilogue is taken
+    epilogue = with_choice(plan, "mlp_act", "epilogue")
+    chosen, _ = refine_plan(plan, report, timer(lambda p: 0.9 if p.mlp_act == "epilogue" else 1.0))
+    assert chosen == epilogue
+    # two independent wins combine
+    calls.clear()
+
+    def additive(p):
+        return 1.0 - 0.05 * (p.mlp_act == "epilogue") - 0.03 * (p.qkv_tile == "")
+    chosen, times = refine_plan(plan, report, timer(additive))
+    assert chosen.mlp_act == "epilogue" and chosen.qkv_tile == "" and len(calls) == 2
+    assert times["combined"] == pytest.approx(0.92)
+    # ... unless together they are slower than the better one alone
+    chosen, _ = refine_plan(plan, report, timer(lambda p: additive(p) + 0.1 * (p.mlp_act == "epilogue"
+                                                                                and p.qkv_tile == "")))
+    assert chosen == epilogue
+    # a plan that could not be captured is left out, the rest still compete
+    chosen, times = refine_plan(plan, report, lambda plans: {k: additive(v) for k, v in plans.items()
+                                                             if k != "mlp_act=epilogue"})
+    assert chosen.qkv_tile == "" and chosen.mlp_act == plan.mlp_act and "mlp_act=epilogue" not in times

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU self-checks, verification, engine sweep, baselines, profiles.
 # Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks cold)
-# cold times MODEL:BATCH specs from COLD_SIZES (default: both models at batch 1 and 256).
+# cold times MODEL:BATCH[:DTYPE] specs from COLD_SIZES (default: both models at batch 1 and 256).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -25,11 +25,13 @@ for step in "$@"; do
     clocks) log clocks; python3 tools/graph_vs_eager.py vit_base_patch16_224 256;;
     cold) log "cold: one batch size compiled from an empty Triton cache and plan cache, each"
       for spec in ${COLD_SIZES:-vit_base_patch16_224:1 vit_large_patch16_384:1 vit_base_patch16_224:256 vit_large_patch16_384:256}; do
-        m=${spec%:*}; b=${spec#*:}
-        TRITON_CACHE_DIR=$(mktemp -d) python3 benchmark_ait.py --model-name "$m" --batch-size "$b" \
-          --cache-dir "$(mktemp -d)" --output-dir "$OUT/cold" 2>&1 | grep -E "ait ait batch|rror"
+        IFS=: read -r m b dt <<< "$spec"; dt=${dt:-float16}  # MODEL:BATCH[:DTYPE]
+        plans="$OUT/cold/plans/${m}_bs${b}_${dt}_$RANDOM"
+        TRITON_CACHE_DIR=$(mktemp -d) python3 benchmark_ait.py --model-name "$m" --batch-size "$b" --dtype "$dt" \
+          --cache-dir "$plans" --output-dir "$OUT/cold/$dt" 2>&1 | grep -E "ait ait batch|rror"
         python3 -c "import json,sys; r=[r for r in json.load(open(sys.argv[1]))['rows'] if r['batch_size']==$b][-1]; print(' compile_s', r.get('compile_s'), 'plan_s', r.get('plan_s'), 'plan', r.get('plan'))" \
-          "$OUT/cold/${m}_ait_benchmark_dev_-1.json"
+          "$OUT/cold/$dt/${m}_ait_benchmark_dev_-1.json"
+        python3 -c "import json,sys,glob; [print(' end_to_end', json.load(open(f))['measured'].get('end_to_end')) for f in glob.glob(sys.argv[1] + '/*/plan.json')]" "$plans"
       done;;
   esac
 done
