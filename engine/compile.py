@@ -26,7 +26,7 @@ from .timing import measure
 
 ENGINE_VERSION = "7"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
 # 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
-# 7: plans checked end to end (runners-up at small batch, all-cuBLAS GEMMs at large)
+# 7: small plans checked end to end against their runners-up
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -290,20 +290,16 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
 
 
 # --- checking the plan end to end --------------------------------------------------------------
-# Each op's choice above is timed alone, on block 0's shapes, in short bursts. In the whole graph a
-# candidate runs between other kernels (caches, launch overlap) and, at large batch, under the
-# GPU's power cap, where a kernel's energy counts as much as its burst speed. At small batch two
-# candidates a few percent apart alone swapped order by 5-12% end to end (perf-notes attempt 31);
-# at ViT-B/16 batch 256 the plans with our Triton GEMM tiles ran 1.5-2.3% behind the all-cuBLAS
-# plan (attempt 32). So the plan is timed end to end against alternatives before it is kept: where
-# a forward is short, its closest runners-up site by site; where it is long, the same plan with
-# every GEMM on the vendor library, on the first few blocks only.
+# Each op's choice above is timed alone, on block 0's shapes, back to back with itself. In the
+# whole graph a candidate runs between other kernels (caches, clocks, launch overlap), and at small
+# batch two candidates a few percent apart alone can swap order by 5-12% end to end (perf-notes
+# attempt 31: bfloat16 ViT-B/16 batch 1 read 0.386-0.434 ms across compiles). So where a forward is
+# short, the plan and its closest runners-up are captured whole and timed against each other.
 
 PLAN_SITES = ("mlp_act", "qkv", "proj", "fc2", "attention", "norm")
-SHORT_FORWARD_MS = 4.0  # estimated forward up to which runners-up are tried (a few graphs of < 4 ms)
-REFINE_CLOSE = 0.10     # a runner-up more than this much slower alone is not tried
-REFINE_LIMIT = 4        # runners-up tried at most
-LONG_SLICE_MS = 20.0    # a long forward is timed on as many blocks as take about this long
+REFINE_MAX_MS = 4.0   # estimated forward above which the end-to-end check is not worth its compile time
+REFINE_CLOSE = 0.10   # a runner-up more than this much slower alone is not tried
+REFINE_LIMIT = 4      # runners-up tried at most
 
 
 def with_choice(plan: ops.Plan, site: str, name: str) -> ops.Plan:
@@ -351,96 +347,57 @@ def runners_up(plan: ops.Plan, report: dict, close: float = REFINE_CLOSE, limit:
     return {label: alternative for _, label, alternative in found[:limit]}
 
 
-def library_gemms(plan: ops.Plan, report: dict) -> dict:
-    """{"library": plan with every GEMM on cuBLAS} (fc1's GELU in the epilogue or separate, whichever
-    timed faster alone), or {} when the plan already is."""
-    library = replace(plan, qkv_tile="", proj_tile="", fc2_tile="")
-    if plan.fc1_tile:
-        acts = {name: ms for name, ms in report.get("mlp_act", {}).items() if ":" not in name}
-        library = with_choice(library, "mlp_act", min(acts, key=acts.get) if acts else "separate")
-    return {} if library == plan else {"library": library}
-
-
-def refine_plan(plan: ops.Plan, alternatives: dict, time_plans) -> tuple:
-    """Time the plan against `alternatives` ({label: plan}) end to end (`time_plans({label: plan})
-    -> {label: ms}`, labels it could not run left out); if more than one single-site swap
-    ("site=name") beats the plan, their combination is timed against the best of them. Returns
-    (the fastest plan, {label: ms})."""
-    candidates = {"chosen": plan, **alternatives}
+def refine_plan(plan: ops.Plan, report: dict, time_plans) -> tuple:
+    """Time the plan against its runners-up end to end (`time_plans({label: plan}) -> {label: ms}`,
+    labels it could not run left out); if more than one swap beats the plan, their combination is
+    timed against the best of them. Returns (the fastest plan, {label: ms})."""
+    candidates = {"chosen": plan, **runners_up(plan, report)}
     if len(candidates) == 1:
         return plan, {}
     times = time_plans(candidates)
     if "chosen" not in times:
         return plan, times
     winners = sorted((label for label in times if times[label] < times["chosen"]), key=times.get)
-    swaps = [label for label in winners if "=" in label]
-    if len(swaps) > 1:
+    if len(winners) > 1:
         combined = plan
-        for label in swaps:
+        for label in winners:
             site, _, name = label.partition("=")
             combined = with_choice(combined, site, name)
-        final = time_plans({swaps[0]: candidates[swaps[0]], "combined": combined})
+        final = time_plans({winners[0]: candidates[winners[0]], "combined": combined})
+        if "combined" in final and winners[0] in final and final["combined"] < final[winners[0]]:
+            candidates["combined"] = combined
         times.update({f"{label} (again)": ms for label, ms in final.items()})
-        if "combined" in final and swaps[0] in final:
-            times["combined"] = final["combined"]
-            if final["combined"] < final[swaps[0]] and (not winners or winners[0] == swaps[0]):
-                return combined, times
-    return candidates[winners[0] if winners else "chosen"], times
+        times["combined"] = final.get("combined")
+    best = "combined" if "combined" in candidates else (winners[0] if winners else "chosen")
+    return candidates[best], times
 
 
-def graph_timer(model, batch: int, target: Target, rounds: int = 3, budget_s: float = 0.04,
-                blocks: Optional[int] = None):
-    """time_plans for refine_plan: each plan's forward captured in its own graph on one activation
-    arena, then timed in alternation, `rounds` times (median kept), so clock drift under the power
-    cap lands on every plan alike. With `blocks`, only the first `blocks` transformer blocks run,
-    on a random residual stream copied in at the start of each replay (the blocks add into it)."""
+def graph_timer(model, batch: int, target: Target, rounds: int = 3, budget_s: float = 0.04):
+    """time_plans for refine_plan: each plan's whole forward captured in its own graph on one
+    activation arena, then timed in alternation, `rounds` times (median kept), so clock drift
+    under the power cap lands on every plan alike."""
     cfg, dev = model.cfg, target.device
     dtype = model.patch_embed.weight.dtype
 
     @torch.no_grad()
     def time_plans(plans: dict) -> dict:
+        images = torch.randn(batch, cfg.in_chans, *cfg.img_size, device=dev, dtype=dtype)
         arena = ActivationArena(cfg, batch, dtype, dev)
-        if blocks is None:
-            images = torch.randn(batch, cfg.in_chans, *cfg.img_size, device=dev, dtype=dtype)
-
-            def forward():
-                return model(images, arena)
-        else:
-            stream = torch.randn(batch * cfg.seq_len, cfg.embed_dim, device=dev, dtype=dtype)
-
-            def forward():
-                x = arena.take("x", cfg.embed_dim)
-                x.copy_(stream)
-                with ops.sdpa_backend(model.plan.attention):
-                    for block in model.blocks[:blocks]:
-                        x = block(x, batch, model.plan, arena)
-                return x
         graphs = {}
         for label, plan in plans.items():
             model.set_plan(plan)
             try:
-                graphs[label], _ = capture_graph(forward)
+                graphs[label], _ = capture_graph(lambda: model(images, arena))
             except (RuntimeError, ValueError, NotImplementedError, _TritonError):
                 continue
         samples = {label: [] for label in graphs}
         for _ in range(rounds):
             for label, graph in graphs.items():
-                samples[label].append(measure(graph.replay, dev, warmup_s=0.005, min_iters=3, max_iters=400,
+                samples[label].append(measure(graph.replay, dev, warmup_s=0.005, min_iters=10, max_iters=400,
                                               budget_s=budget_s).median_ms)
         del graphs
         return {label: statistics.median(v) for label, v in samples.items()}
     return time_plans
-
-
-def check_end_to_end(model, plan: ops.Plan, report: dict, batch: int, target: Target) -> tuple:
-    """refine_plan with the alternatives and timing this forward's length calls for."""
-    forward_ms = estimated_forward_ms(plan, report, model.cfg.depth)
-    if forward_ms <= SHORT_FORWARD_MS:
-        return refine_plan(plan, runners_up(plan, report), graph_timer(model, batch, target))
-    per_block = forward_ms / model.cfg.depth
-    blocks = max(1, round(LONG_SLICE_MS / per_block)) if forward_ms > LONG_SLICE_MS else None
-    timer = graph_timer(model, batch, target, rounds=3, budget_s=0.1, blocks=blocks)
-    return refine_plan(plan, library_gemms(plan, report), timer)
 
 
 # --- the compiled engine ---------------------------------------------------------------------
@@ -534,8 +491,8 @@ def compile_engine(model, batch: int, target: Target, options: Options, cache_ro
                 log(f"note: {directory}: {why}; rebuilding")
             t_plan = time.perf_counter()
             plan, report = choose_plan(model.set_plan(ops.Plan()), batch, target, options, use_graph)
-            if use_graph:
-                plan, report["end_to_end"] = check_end_to_end(model, plan, report, batch, target)
+            if use_graph and estimated_forward_ms(plan, report, cfg.depth) <= REFINE_MAX_MS:
+                plan, report["end_to_end"] = refine_plan(plan, report, graph_timer(model, batch, target))
             info["plan_s"] = round(time.perf_counter() - t_plan, 2)
             save_plan(directory, key, plan, report)
             info["plan_source"] = f"measured, saved to {directory}"

@@ -279,12 +279,9 @@ def test_runners_up_are_each_sites_closest_alternative_within_reach():
 def test_refine_plan_keeps_the_fastest_whole_forward():
     """The end-to-end check overrides the isolated timings: a swap that wins in the whole graph is
     taken; two winning swaps are combined when the combination beats the better one alone."""
-    from engine.compile import refine_plan as refine, runners_up, with_choice
+    from engine.compile import refine_plan, with_choice
     plan, report = _plan_report()
     calls = []
-
-    def refine_plan(plan, report, time_plans):
-        return refine(plan, runners_up(plan, report), time_plans)
 
     def timer(whole_forward_ms):
         def time_plans(plans):
@@ -315,54 +312,3 @@ def test_refine_plan_keeps_the_fastest_whole_forward():
     chosen, times = refine_plan(plan, report, lambda plans: {k: additive(v) for k, v in plans.items()
                                                              if k != "mlp_act=epilogue"})
     assert chosen.qkv_tile == "" and chosen.mlp_act == plan.mlp_act and "mlp_act=epilogue" not in times
-
-
-def test_long_forwards_are_checked_against_the_all_library_plan():
-    """At large batch the alternative is the same plan with every GEMM on cuBLAS (fc1's GELU where
-    it timed faster alone); it replaces the plan only when it is faster end to end."""
-    from engine.compile import library_gemms, refine_plan
-    from modeling import ops
-    plan, report = _plan_report()
-    library = library_gemms(plan, report)["library"]
-    assert (library.qkv_tile, library.proj_tile, library.fc2_tile, library.fc1_tile) == ("", "", "", "")
-    assert library.mlp_act == "epilogue" and library.attention == plan.attention and library.norm_tile == "r2w4"
-    assert library_gemms(library, report) == {}
-    report["mlp_act"]["separate"] = 10.2
-    assert library_gemms(plan, report)["library"].mlp_act == "separate"
-    chosen, times = refine_plan(plan, {"library": library}, lambda plans: {"chosen": 19.8, "library": 19.4})
-    assert chosen == library and times == {"chosen": 19.8, "library": 19.4}
-    chosen, _ = refine_plan(plan, {"library": library}, lambda plans: {"chosen": 187.0, "library": 189.9})
-    assert chosen == plan and isinstance(chosen, ops.Plan)
-
-
-@pytest.mark.parametrize("blocks", [None, 1])
-def test_graph_timer_runs_each_plan_whole_or_on_its_first_blocks(blocks):
-    """The end-to-end timer's forwards on the CPU (graph capture stubbed out): each plan runs,
-    the whole model or only its first blocks on a residual stream reset every call."""
-    from types import SimpleNamespace
-    from unittest import mock
-
-    from engine import compile as comp
-    from engine.target import Target
-    from modeling import ops
-    cfg = vit_config(MICRO, "ait")
-    model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=0)[0], cfg), torch.float32, "cpu")
-    outputs = {}
-
-    def capture(fn, warmups=1):  # a "graph" that replays the plan set when it was captured
-        plan = model.plan
-
-        def replay():
-            outputs.setdefault(plan, []).append(model.set_plan(plan) and fn().clone())
-        return SimpleNamespace(replay=replay), fn()
-    plans = {"a": ops.Plan(residual="addmm"), "b": ops.Plan(norm="triton", residual="addmm")}  # in place
-    with mock.patch.object(comp, "capture_graph", capture):
-        timer = comp.graph_timer(model, 2, Target("cpu", torch.device("cpu"), "cpu"), rounds=2, budget_s=0.01,
-                                 blocks=blocks)
-        times = timer(plans)
-    assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
-    assert set(outputs) == set(plans.values())
-    want = (2, cfg.num_classes) if blocks is None else (2 * cfg.seq_len, cfg.embed_dim)
-    for runs in outputs.values():
-        assert all(o.shape == want for o in runs)
-        assert all(torch.equal(o, runs[0]) for o in runs)  # the same input every call, no drift
