@@ -295,6 +295,8 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
 # batch two candidates a few percent apart alone can swap order by 5-12% end to end (perf-notes
 # attempt 31: bfloat16 ViT-B/16 batch 1 read 0.386-0.434 ms across compiles). So where a forward is
 # short, the plan and its closest runners-up are captured whole and timed against each other.
+# (At large batch the same idea, the plan against its all-cuBLAS variant on the first blocks, added
+# 1-3 s of compile and its short timings disagreed with longer ones: perf-notes attempt 33.)
 
 PLAN_SITES = ("mlp_act", "qkv", "proj", "fc2", "attention", "norm")
 REFINE_MAX_MS = 4.0   # estimated forward above which the end-to-end check is not worth its compile time
