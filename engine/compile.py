@@ -205,6 +205,24 @@ def _precompile(launches, threads: int = 8):
             list(pool.map(compile_one, launches[1:]))
 
 
+# From this many rows a forward runs long enough to meet the GPU's power cap, and our Triton GEMM
+# tiles, timed alone in short bursts, must beat the vendor library by LIBRARY_MARGIN to be chosen:
+# at ViT-B/16 batch 256 plans with tiles 2.4% ahead alone ran 1.5-2.3% behind the all-cuBLAS plan
+# end to end (perf-notes attempts 33-34).
+LIBRARY_MARGIN_ROWS = 8192
+LIBRARY_MARGIN = 0.03
+
+
+def prefer_library(name: str, times: dict, library, margin: float) -> str:
+    """The fastest library candidate (names in `library`) unless `name`, the fastest of all, beats
+    it by more than `margin`."""
+    timed = [n for n in library if n in times]
+    if name in library or not timed or margin <= 0:
+        return name
+    fastest_library = min(timed, key=times.get)
+    return name if times[name] < times[fastest_library] * (1 - margin) else fastest_library
+
+
 @torch.no_grad()
 def choose_plan(model, batch: int, target: Target, options: Options, use_graph: bool = True) -> tuple:
     """Measure each op's alternatives at this batch's real shapes, using block 0's weights."""
@@ -272,11 +290,14 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     norm, t_norm = _fastest(norms, dev, use_graph)
     norm, _, norm_tile = norm.partition(":")
 
+    margin = LIBRARY_MARGIN if rows >= LIBRARY_MARGIN_ROWS else 0.0
     mlp_act, t_act = _fastest({**fc1, **triton_fc1}, dev, use_graph)
+    mlp_act = prefer_library(mlp_act, t_act, fc1, margin)
     mlp_act, _, fc1_tile = mlp_act.partition(":")
 
     def gemm_site(cublas, tiled):
         name, t = _fastest({"cublas": cublas, **tiled}, dev, use_graph)
+        name = prefer_library(name, t, ("cublas",), margin)
         return ("" if name == "cublas" else name), t
     qkv_tile, t_qkv = gemm_site(lambda: ops.linear(x, w, b), triton_qkv)
     proj_tile, t_proj = gemm_site(lambda: ops.residual_linear(x, a, blk.proj.weight, residual), triton_proj)
