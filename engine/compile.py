@@ -24,9 +24,9 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "7"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+ENGINE_VERSION = "8"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
 # 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
-# 7: small plans checked end to end against their runners-up
+# 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
