@@ -207,8 +207,8 @@ def _precompile(launches, threads: int = 8):
 
 # From this many rows a forward runs long enough to meet the GPU's power cap, and our Triton GEMM
 # tiles, timed alone in short bursts, must beat the vendor library by LIBRARY_MARGIN to be chosen:
-# at ViT-B/16 batch 256 plans with tiles 2.4% ahead alone ran 1.5-2.3% behind the all-cuBLAS plan
-# end to end (perf-notes attempts 33-34).
+# at ViT-B/16 batch 256 plans with tiles 2.4% ahead alone ran 1.5-2.4% behind the all-cuBLAS plan
+# end to end, and with the margin the plan was the fastest at four large sizes (perf-notes attempts 33-34).
 LIBRARY_MARGIN_ROWS = 8192
 LIBRARY_MARGIN = 0.03
 
@@ -317,7 +317,8 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
 # attempt 31: bfloat16 ViT-B/16 batch 1 read 0.386-0.434 ms across compiles). So where a forward is
 # short, the plan and its closest runners-up are captured whole and timed against each other.
 # (At large batch the same idea, the plan against its all-cuBLAS variant on the first blocks, added
-# 1-3 s of compile and its short timings disagreed with longer ones: perf-notes attempt 33.)
+# up to 3 s of compile and its short timings were noisy: perf-notes attempt 33; LIBRARY_MARGIN above
+# is what replaced it.)
 
 PLAN_SITES = ("mlp_act", "qkv", "proj", "fc2", "attention", "norm")
 REFINE_MAX_MS = 4.0   # estimated forward above which the end-to-end check is not worth its compile time
