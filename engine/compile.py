@@ -207,8 +207,9 @@ def _precompile(launches, threads: int = 8):
 
 # From this many rows a forward runs long enough to meet the GPU's power cap, and our Triton GEMM
 # tiles, timed alone in short bursts, must beat the vendor library by LIBRARY_MARGIN to be chosen:
-# at ViT-B/16 batch 256 plans with tiles 2.4% ahead alone ran 1.5-2.4% behind the all-cuBLAS plan
-# end to end, and with the margin the plan was the fastest at four large sizes (perf-notes attempts 33-34).
+# at ViT-B/16 batch 256 plans with some of our tiles (one of them 2.4% ahead alone) ran 1.5-2.4% behind
+# the all-cuBLAS plan end to end; with the margin the plan was the fastest at four large sizes
+# (perf-notes attempts 33-34).
 LIBRARY_MARGIN_ROWS = 8192
 LIBRARY_MARGIN = 0.03
 
