@@ -341,15 +341,10 @@ def with_choice(plan: ops.Plan, site: str, name: str) -> ops.Plan:
     raise KeyError(f"no plan site {site!r}")
 
 
-def estimated_forward_ms(plan: ops.Plan, report: dict, depth: int) -> float:
-    """The chosen ops' isolated timings summed over the blocks (two LayerNorms per block)."""
-    def chosen(site, name):
-        return report.get(site, {}).get(name, 0.0)
-    per_block = (2 * chosen("norm", f"{plan.norm}:{plan.norm_tile}" if plan.norm_tile else plan.norm)
-                 + chosen("mlp_act", f"{plan.mlp_act}:{plan.fc1_tile}" if plan.fc1_tile else plan.mlp_act)
-                 + chosen("attention", f"{plan.attention}:{plan.attention_tile}" if plan.attention_tile
-                          else plan.attention)
-                 + sum(chosen(site, getattr(plan, f"{site}_tile") or "cublas") for site in ("qkv", "proj", "fc2")))
+def estimated_forward_ms(report: dict, depth: int) -> float:
+    """Each site's fastest isolated timing summed over the blocks (two LayerNorms per block)."""
+    fastest = {site: min(times.values()) for site, times in report.items() if times}
+    per_block = 2 * fastest.get("norm", 0.0) + sum(fastest.get(site, 0.0) for site in PLAN_SITES if site != "norm")
     return depth * per_block
 
 
@@ -389,12 +384,12 @@ def refine_plan(plan: ops.Plan, report: dict, time_plans) -> tuple:
             site, _, name = label.partition("=")
             combined = with_choice(combined, site, name)
         final = time_plans({winners[0]: candidates[winners[0]], "combined": combined})
-        if "combined" in final and winners[0] in final and final["combined"] < final[winners[0]]:
-            candidates["combined"] = combined
-        times.update({f"{label} (again)": ms for label, ms in final.items()})
-        times["combined"] = final.get("combined")
-    best = "combined" if "combined" in candidates else (winners[0] if winners else "chosen")
-    return candidates[best], times
+        times.update({f"{label} (again)": ms for label, ms in final.items() if label != "combined"})
+        if "combined" in final:
+            times["combined"] = final["combined"]
+            if winners[0] in final and final["combined"] < final[winners[0]]:
+                return combined, times
+    return candidates[winners[0] if winners else "chosen"], times
 
 
 def graph_timer(model, batch: int, target: Target, rounds: int = 3, budget_s: float = 0.04):
@@ -516,7 +511,7 @@ def compile_engine(model, batch: int, target: Target, options: Options, cache_ro
                 log(f"note: {directory}: {why}; rebuilding")
             t_plan = time.perf_counter()
             plan, report = choose_plan(model.set_plan(ops.Plan()), batch, target, options, use_graph)
-            if use_graph and estimated_forward_ms(plan, report, cfg.depth) <= REFINE_MAX_MS:
+            if use_graph and estimated_forward_ms(report, cfg.depth) <= REFINE_MAX_MS:
                 plan, report["end_to_end"] = refine_plan(plan, report, graph_timer(model, batch, target))
             info["plan_s"] = round(time.perf_counter() - t_plan, 2)
             save_plan(directory, key, plan, report)

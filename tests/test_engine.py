@@ -273,7 +273,7 @@ def test_runners_up_are_each_sites_closest_alternative_within_reach():
     assert list(runners_up(plan, report, close=0.1, limit=2)) == ["fc2=m64n128k128w4s4x1fsk3", "mlp_act=epilogue"]
     assert runners_up(plan, report, close=0.01) == {"fc2=m64n128k128w4s4x1fsk3": alternatives[
         "fc2=m64n128k128w4s4x1fsk3"]}
-    assert estimated_forward_ms(plan, report, depth=2) == pytest.approx(2 * (2 * 3.0 + 10.0 + 5.0 + 9.0 + 5.0 + 8.0))
+    assert estimated_forward_ms(report, depth=2) == pytest.approx(2 * (2 * 3.0 + 10.0 + 5.0 + 9.0 + 5.0 + 8.0))
 
 
 def test_refine_plan_keeps_the_fastest_whole_forward():
