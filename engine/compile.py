@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from modeling import ops
+from modeling import cublaslt, ops
 from modeling.config import ViTConfig
 from modeling.vision_transformer import ActivationArena
 
@@ -24,9 +24,10 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "8"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+ENGINE_VERSION = "9"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
 # 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
-# 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%
+# 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%;
+# 9: cuBLASLt algorithms beyond its heuristic's first
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -73,6 +74,7 @@ def cache_key(cfg: ViTConfig, batch: int, dtype: torch.dtype, target: Target, op
         "engine": ENGINE_VERSION, "config": json.loads(cfg.to_json()), "batch": batch,
         "dtype": str(dtype), "gpu": target.name, "target": target.kind, "torch": torch.__version__,
         "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None), "triton": triton_version,
+        "cublaslt": cublaslt.version() if target.is_gpu else None,  # the plan names its algorithms by rank
         "options": dict(options.key(), use_graph=use_graph),  # choices timed in or out of a graph differ
     }
 
@@ -141,10 +143,13 @@ def _graphed(fn, calls: int = 5):
     return graph.replay
 
 
-def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, rounds: int = 2) -> tuple:
+def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, rounds: int = 2,
+             site_s: float = 0.6) -> tuple:
     """Time each callable (skipping those that fail here); return (name, {name: ms per call}).
-    Up to four candidates within `close` of the best are timed again in alternation, `rounds`
-    times, and keep the median of their timings: sequential timings drift with the GPU's clock
+    The first pass gives each at most 0.12 s and all together about `site_s` (a large-batch GEMM
+    site has nine library candidates: the compile budget). Up to four candidates within `close`
+    of the best are timed again in alternation, `rounds` times, and keep the median of their
+    timings: sequential timings drift with the GPU's clock
     under its power cap, one short timing each flipped choices a few percent apart between runs,
     and one transient once timed cuBLASLt's GELU epilogue 40% slow and lost it the plan."""
     times, calls = {}, {}
@@ -166,9 +171,10 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
             run = _graphed(fn, n)
         return measure(run, device, warmup_s=0.01 if n == 1 else 0.03, min_iters=min_iters, max_iters=200,
                        budget_s=budget_s / 3 if n == 1 else budget_s).median_ms / n
+    first_s = min(0.12, site_s / len(candidates))
     for name in candidates:
         try:
-            times[name] = time_one(name, 0.12)
+            times[name] = time_one(name, first_s)
         except torch.cuda.OutOfMemoryError:
             raise  # the batch does not fit: the sweep marks it OOM rather than caching a partial choice
         except (RuntimeError, ValueError, NotImplementedError, _TritonError):
@@ -203,25 +209,6 @@ def _precompile(launches, threads: int = 8):
         compile_one(launches[0])  # the first one alone: Triton sets up its driver and caches
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(compile_one, launches[1:]))
-
-
-# From this many rows a forward runs long enough to meet the GPU's power cap, and our Triton GEMM
-# tiles, timed alone in short bursts, must beat the vendor library by LIBRARY_MARGIN to be chosen:
-# at ViT-B/16 batch 256 plans with some of our tiles (one of them 2.4% ahead alone) ran 1.5-2.4% behind
-# the all-cuBLAS plan end to end; with the margin the plan was the fastest at four large sizes
-# (perf-notes attempts 33-34).
-LIBRARY_MARGIN_ROWS = 8192
-LIBRARY_MARGIN = 0.03
-
-
-def prefer_library(name: str, times: dict, library, margin: float) -> str:
-    """The fastest library candidate (names in `library`) unless `name`, the fastest of all, beats
-    it by more than `margin`."""
-    timed = [n for n in library if n in times]
-    if name in library or not timed or margin <= 0:
-        return name
-    fastest_library = min(timed, key=times.get)
-    return name if times[name] < times[fastest_library] * (1 - margin) else fastest_library
 
 
 @torch.no_grad()
@@ -271,6 +258,29 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     triton_proj = gemm_tiled(lambda tile: ops.residual_linear(x, a, blk.proj.weight, residual, tile), True)
     triton_fc2 = gemm_tiled(lambda tile: ops.residual_linear(x, h, blk.fc2.weight, residual, tile), True)
 
+    # from LIBRARY_ROWS, cuBLASLt's other algorithms instead: its heuristic's first, what torch runs,
+    # is not always the fastest (tools/lt_algos.py; perf-notes attempt 35)
+    lt_ok = (rows >= kernels.LIBRARY_ROWS and dtype in (torch.float16, torch.bfloat16) and not options.fp16_acc
+             and cublaslt.version() is not None)
+
+    def lt(weight, epilogue="none", residual_form=False):  # "ltN" for each algorithm offered
+        if not lt_ok:
+            return ()
+        n, k = weight.shape
+        try:
+            found = cublaslt.algorithms(cublaslt.Problem(rows, n, k, dtype, epilogue, residual_form))
+        except cublaslt.CublasLtError:
+            return ()
+        return [f"lt{i}" for i in range(len(found))]
+    lt_qkv = {t: (lambda t=t: ops.linear(x, w, b, t)) for t in lt(w, "bias")}
+    lt_proj = {t: (lambda t=t: ops.residual_linear(x, a, blk.proj.weight, residual, t))
+               for t in lt(blk.proj.weight, residual_form=True)}
+    lt_fc2 = {t: (lambda t=t: ops.residual_linear(x, h, blk.fc2.weight, residual, t))
+              for t in lt(blk.fc2.weight, residual_form=True)}
+    if tanh_ok:
+        fc1.update({f"epilogue:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue", t))
+                    for t in lt(f1.weight, "gelu_bias")})
+
     def attention_with(backend, tile=""):
         def run():
             with ops.sdpa_backend(backend):
@@ -291,18 +301,16 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     norm, t_norm = _fastest(norms, dev, use_graph)
     norm, _, norm_tile = norm.partition(":")
 
-    margin = LIBRARY_MARGIN if rows >= LIBRARY_MARGIN_ROWS else 0.0
     mlp_act, t_act = _fastest({**fc1, **triton_fc1}, dev, use_graph)
-    mlp_act = prefer_library(mlp_act, t_act, fc1, margin)
     mlp_act, _, fc1_tile = mlp_act.partition(":")
 
-    def gemm_site(cublas, tiled):
-        name, t = _fastest({"cublas": cublas, **tiled}, dev, use_graph)
-        name = prefer_library(name, t, ("cublas",), margin)
+    def gemm_site(cublas, others):
+        name, t = _fastest({"cublas": cublas, **others}, dev, use_graph)
         return ("" if name == "cublas" else name), t
-    qkv_tile, t_qkv = gemm_site(lambda: ops.linear(x, w, b), triton_qkv)
-    proj_tile, t_proj = gemm_site(lambda: ops.residual_linear(x, a, blk.proj.weight, residual), triton_proj)
-    fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, blk.fc2.weight, residual), triton_fc2)
+    qkv_tile, t_qkv = gemm_site(lambda: ops.linear(x, w, b), {**lt_qkv, **triton_qkv})
+    proj_tile, t_proj = gemm_site(lambda: ops.residual_linear(x, a, blk.proj.weight, residual),
+                                  {**lt_proj, **triton_proj})
+    fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, blk.fc2.weight, residual), {**lt_fc2, **triton_fc2})
     attention, t_attn = _fastest({**sdpa, **triton_attention}, dev, use_graph)
     attention, _, tile = attention.partition(":")
     plan = ops.Plan(norm=norm, norm_tile=norm_tile, mlp_act=mlp_act, residual=residual, attention=attention,
@@ -318,8 +326,8 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
 # attempt 31: bfloat16 ViT-B/16 batch 1 read 0.386-0.434 ms across compiles). So where a forward is
 # short, the plan and its closest runners-up are captured whole and timed against each other.
 # (At large batch the same idea, the plan against its all-cuBLAS variant on the first blocks, added
-# up to 3 s of compile and its short timings were noisy: perf-notes attempt 33; LIBRARY_MARGIN above
-# is what replaced it.)
+# up to 3 s of compile and its short timings were noisy: perf-notes attempt 33; at large batch the
+# plan now times the library's own algorithms instead, kernels.LIBRARY_ROWS.)
 
 PLAN_SITES = ("mlp_act", "qkv", "proj", "fc2", "attention", "norm")
 REFINE_MAX_MS = 4.0   # estimated forward above which the end-to-end check is not worth its compile time

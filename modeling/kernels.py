@@ -374,24 +374,29 @@ GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n256k64
                         "m64n64k128w4s4x1fsk2")
 
 
+# From this many rows the engine times only the vendor library's GEMMs: cuBLAS as torch calls it and
+# the other algorithms cuBLASLt's heuristic offers (modeling/cublaslt.py). There our tiles never beat
+# the best of those alone (docs/perf-notes.md, attempt 35), and compiling them cost seconds.
+LIBRARY_ROWS = 8192
+
+
 def gemm_tiles(rows: int, deterministic: bool = False) -> tuple:
     """The candidate tiles worth timing for a GEMM of `rows` rows. Each tile is a kernel to compile
-    (~1 s from a cold cache) and time, so only those that ever won at such sizes: from 8192 rows,
-    the 128-row tiles one program per SM; below 1024 rows (ViT-B/16 batch 1-4, ViT-L/16 batch 1),
-    the tiles at most 128 columns wide (tools/gemm_tiles.py: the 128x256 tiles trail the
-    narrower ones there by 30% to 2.5x), and the 128-deep tiles only there; split K below 2048
-    rows, where the unsplit tiles leave SMs idle, and not at all when `deterministic` (the
-    split units' adds land in whatever order the GPU runs them)."""
+    (~1 s from a cold cache) and time, so only those that ever won at such sizes: none from
+    LIBRARY_ROWS; below 1024 rows (ViT-B/16 batch 1-4, ViT-L/16 batch 1), the tiles at most 128
+    columns wide (tools/gemm_tiles.py: the 128x256 tiles trail the narrower ones there by 30% to
+    2.5x), and the 128-deep tiles only there; split K below 2048 rows, where the unsplit tiles leave
+    SMs idle, and not at all when `deterministic` (the split units' adds land in whatever order the
+    GPU runs them)."""
     from .ops import parse_gemm_tile
+    if rows >= LIBRARY_ROWS:
+        return ()
     tiles = [parse_gemm_tile(t) for t in GEMM_TILE_CANDIDATES]
     if deterministic or rows >= 2048:
         tiles = [t for t in tiles if t.split_k == 1]
     if rows < 1024:
         return tuple(str(t) for t in tiles if t.block_n <= 128)
-    tiles = [t for t in tiles if t.block_k == 64]
-    if rows >= 8192:
-        return tuple(str(t) for t in tiles if t.block_m == 128 and t.per_sm == 1)
-    return tuple(str(t) for t in tiles)
+    return tuple(str(t) for t in tiles if t.block_k == 64)
 
 
 def gemm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:

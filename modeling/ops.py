@@ -42,8 +42,9 @@ class Plan:
     residual: str = "add"          # proj/fc2 + residual: out-of-place add, or in-place addmm
     attention: str = "auto"        # an SDPA backend ("auto": torch's choice), or our Triton kernel
     attention_tile: str = ""       # the Triton kernel's launch tile, e.g. "m64n64w4s3tma" ("": by shape)
-    qkv_tile: str = ""             # "" cuBLAS; else our persistent TMA GEMM with this tile (kernels.py)
-    fc1_tile: str = ""             # likewise for fc1 (with mlp_act "triton" or "triton_erf")
+    qkv_tile: str = ""             # "" cuBLAS as torch calls it; "lt3" cuBLASLt's algorithm 3 (cublaslt.py);
+                                   # else our persistent TMA GEMM with this tile (kernels.py)
+    fc1_tile: str = ""             # likewise for fc1 ("ltN" with mlp_act "epilogue", tiles with "triton*")
     proj_tile: str = ""            # likewise for proj and fc2, accumulating into the residual stream in place
     fc2_tile: str = ""
 
@@ -57,11 +58,13 @@ class Plan:
         if self.norm_tile:
             parse_norm_tile(self.norm_tile)
         for name in ("qkv_tile", "fc1_tile", "proj_tile", "fc2_tile"):
-            if getattr(self, name):
+            if getattr(self, name) and lt_algorithm(getattr(self, name)) is None:
                 parse_gemm_tile(getattr(self, name), name)
-        if self.mlp_act.startswith("triton") != bool(self.fc1_tile):
-            raise ValueError(f"plan.mlp_act={self.mlp_act!r} with fc1_tile={self.fc1_tile!r}: "
-                             "a tile goes with mlp_act triton or triton_erf, and only with them")
+        lt_fc1 = lt_algorithm(self.fc1_tile) is not None
+        if self.mlp_act.startswith("triton") != (bool(self.fc1_tile) and not lt_fc1) or (
+                lt_fc1 and self.mlp_act != "epilogue"):
+            raise ValueError(f"plan.mlp_act={self.mlp_act!r} with fc1_tile={self.fc1_tile!r}: a Triton tile goes "
+                             "with mlp_act triton or triton_erf, and only with them; ltN with epilogue")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -144,8 +147,23 @@ def parse_gemm_tile(text: str, what: str = "gemm tile"):
                     ws=bool(m[9]), split_k=int(m[10] or 1))
 
 
+def lt_algorithm(tile: str):
+    """"lt3" -> 3 (cuBLASLt's algorithm number, cublaslt.py); None for anything else."""
+    m = re.fullmatch(r"lt(\d+)", tile)
+    return int(m[1]) if m else None
+
+
+def _lt(x, weight, bias, tile, epilogue="none", residual=False, out=None):
+    from . import cublaslt
+    problem = cublaslt.Problem(x.shape[0], weight.shape[0], x.shape[1], x.dtype, epilogue, residual)
+    return cublaslt.matmul(problem, lt_algorithm(tile), x, weight, bias, out=out)
+
+
 def linear(x, weight, bias, tile="", out=None):
-    """x @ W.T + b: cuBLAS, or with `tile` our Triton GEMM (kernels.linear)."""
+    """x @ W.T + b: cuBLAS as torch calls it, cuBLASLt's algorithm "ltN", or with another `tile`
+    our Triton GEMM (kernels.linear)."""
+    if lt_algorithm(tile) is not None:
+        return _lt(x, weight, bias, tile, "none" if bias is None else "bias", out=out)
     if tile:
         from . import kernels
         return kernels.linear(x, weight, bias, out=out, tile=parse_gemm_tile(tile))
@@ -163,11 +181,13 @@ def linear_gelu_reference(x, weight, bias, act):
 
 
 def linear_gelu(x, weight, bias, act, impl="separate", tile="", out=None):
-    """fc1 with its bias and GELU. "epilogue" runs GELU in the cuBLASLt epilogue, which computes
-    the tanh approximation whatever `act` says (AITemplate's "fast_gelu" did the same); "triton"
+    """fc1 with its bias and GELU. "epilogue" runs GELU in the cuBLASLt epilogue (torch's call, or
+    with `tile` "ltN" cuBLASLt's algorithm N), which computes the tanh approximation whatever `act` says (AITemplate's "fast_gelu" did the same); "triton"
     runs our GEMM with `tile` and the tanh approximation in its epilogue, "triton_erf" the same
     with the exact GELU."""
     if impl == "epilogue":
+        if tile:  # cuBLASLt's algorithm "ltN"
+            return _lt(x, weight, bias, tile, "gelu_bias", out=out)
         return torch._addmm_activation(bias, x, weight.t(), use_gelu=True, out=out)
     if impl in ("triton", "triton_erf"):
         from . import kernels
@@ -183,7 +203,9 @@ def residual_linear_reference(x, a, weight):
 def residual_linear(x, a, weight, impl="add", tile=""):
     """x + a @ weight.T with the bias deferred to the next shift. "addmm" accumulates into x in
     place: the residual is the GEMM's C operand, so no separate add kernel reads it again.
-    A `tile` runs our Triton GEMM instead, also in place."""
+    A `tile` runs cuBLASLt's algorithm "ltN" or our Triton GEMM instead, also in place."""
+    if lt_algorithm(tile) is not None:
+        return _lt(a, weight, None, tile, residual=True, out=x)
     if tile:
         from . import kernels
         return kernels.linear(a, weight, out=x, accumulate=True, tile=parse_gemm_tile(tile))

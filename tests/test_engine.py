@@ -312,18 +312,3 @@ def test_refine_plan_keeps_the_fastest_whole_forward():
     chosen, times = refine_plan(plan, report, lambda plans: {k: additive(v) for k, v in plans.items()
                                                              if k != "mlp_act=epilogue"})
     assert chosen.qkv_tile == "" and chosen.mlp_act == plan.mlp_act and "mlp_act=epilogue" not in times
-
-
-def test_large_batch_prefers_the_library_unless_our_tile_clearly_wins():
-    """From LIBRARY_MARGIN_ROWS rows our tile must beat the fastest library candidate by the
-    margin; below it the fastest wins outright."""
-    from engine.compile import prefer_library
-    times = {"cublas": 1.0, "m128n256k64w8s4x2f": 0.98, "m128n128k64w4s4x1f": 0.95}
-    assert prefer_library("m128n128k64w4s4x1f", times, ("cublas",), 0.03) == "m128n128k64w4s4x1f"  # 5% ahead
-    times["m128n128k64w4s4x1f"] = 0.975
-    assert prefer_library("m128n128k64w4s4x1f", times, ("cublas",), 0.03) == "cublas"  # 2.5%: not enough
-    assert prefer_library("m128n128k64w4s4x1f", times, ("cublas",), 0.0) == "m128n128k64w4s4x1f"
-    fc1 = {"separate": 1.2, "epilogue": 1.0, "triton:m128n256k64w8s4x2f": 0.98}
-    assert prefer_library("triton:m128n256k64w8s4x2f", fc1, {"separate": None, "epilogue": None}, 0.03) == "epilogue"
-    assert prefer_library("epilogue", fc1, ("separate", "epilogue"), 0.03) == "epilogue"
-    assert prefer_library("triton:x", {"triton:x": 1.0}, ("cublas",), 0.03) == "triton:x"  # no library timed

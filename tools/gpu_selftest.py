@@ -57,3 +57,29 @@ for dtype in (torch.float16, torch.bfloat16):
     for tile in kernels.attention_tiles(3, 16, 577, 64, torch.device(dev)):
         out = ops.attention(qkv, 3, 16, 64, "triton", str(tile)).float()
         print(f"triton attention {tile} {dtype}: rel err {((out - ref).norm() / ref.norm()):.1e}")
+
+# cuBLASLt's algorithms (modeling/cublaslt.py) at odd sizes: every one the heuristic offers, in every
+# form the plan uses, against float32, with 256-byte-aligned operands as the engine's arena gives
+from modeling import cublaslt  # noqa: E402
+for dtype in (torch.float16, torch.bfloat16):
+    m, n, k = 197 * 3, 1000, 392
+    a, w, b = (torch.randn(*s, device=dev, dtype=dtype) for s in ((m, k), (n, k), (n,)))
+    w /= 20
+    lin = ops.linear(a.float(), w.float(), b.float())
+    for form, epilogue, residual, want in (
+            ("bias", "bias", False, lin),
+            ("gelu_bias", "gelu_bias", False, ops.gelu(lin, "gelu_tanh")),
+            ("+=", "none", True, None)):
+        problem = cublaslt.Problem(m, n, k, dtype, epilogue, residual)
+        errs = []
+        for i in range(len(cublaslt.algorithms(problem))):
+            stream = torch.randn(m, n, device=dev, dtype=dtype)
+            if residual:
+                got = ops.residual_linear(stream.clone(), a, w, "addmm", f"lt{i}").float()
+                want = stream.float() + lin - b.float()
+            elif epilogue == "bias":
+                got = ops.linear(a, w, b, f"lt{i}").float()
+            else:
+                got = ops.linear_gelu(a, w, b, "gelu", "epilogue", f"lt{i}").float()
+            errs.append(f"lt{i} {((got - want).norm() / want.norm()):.1e}")
+        print(f"cublaslt {form} {dtype} ({m}x{n}x{k}): {', '.join(errs)}")

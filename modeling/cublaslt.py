@@ -1,0 +1,182 @@
+"""cuBLASLt called directly, so the plan can choose among its algorithms instead of taking the
+first one its heuristic ranks (what torch.addmm and torch._addmm_activation do).
+
+cuBLASLt ranks algorithms by a model of the GPU, not by running them; with an epilogue (bias,
+GELU) or at power-capped large batch the first is not always the fastest. This module asks the
+heuristic for its top few, and runs any one of them. The plan (engine/compile.py) times them.
+
+Row-major PyTorch GEMMs in cuBLAS's column-major terms: y (M, N) = x (M, K) @ w (N, K)^T is
+y^T (N x M, ld N) = w^T (w read as K x N, transposed) @ x^T (K x M). The bias is then a vector
+over y^T's rows, as cuBLASLt's bias epilogues want. The residual form y += x @ w^T is C = D = y
+with beta = 1.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+
+# cublasLt.h / library_types.h enum values (stable across CUDA 12 and 13)
+_CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
+_COMPUTE_32F = 68
+_DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER, _DESC_BIAS_DATA_TYPE = 3, 4, 7, 8, 26
+_OP_N, _OP_T = 0, 1
+EPILOGUES = {"none": 1, "bias": 4, "gelu_bias": 32 | 4}   # DEFAULT, BIAS, GELU(tanh) then BIAS
+_PREF_MAX_WORKSPACE_BYTES = 1
+_CONFIG_ATTRS = (("id", 0), ("tile", 1), ("splitk", 2), ("stages", 6), ("cluster", 8))
+_CONFIG_SIZES = {"id": 4, "tile": 4, "splitk": 4, "stages": 4, "cluster": 2}
+ALGORITHMS = 8                   # the heuristic's top few the plan times (it offered 8 at every ViT shape tried)
+MAX_WORKSPACE_BYTES = 32 << 20   # what the heuristic may ask for; each algorithm gets only what it needs
+
+
+class _Algo(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_uint64 * 8)]
+
+
+class _HeuristicResult(ctypes.Structure):
+    _fields_ = [("algo", _Algo), ("workspace", ctypes.c_size_t), ("state", ctypes.c_int),
+                ("waves", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
+
+
+class CublasLtError(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def _lib():
+    """The libcublasLt torch already loaded (found in this process's memory map after a matmul)."""
+    if not torch.cuda.is_available() or torch.version.hip is not None:
+        raise CublasLtError("cuBLASLt needs an NVIDIA GPU")
+    torch.ones(8, 8, device="cuda").matmul(torch.ones(8, 8, device="cuda"))
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "libcublasLt.so" in line}
+    if not paths:
+        raise CublasLtError("libcublasLt is not loaded in this process")
+    lib = ctypes.CDLL(sorted(paths)[0])
+    handle = ctypes.c_void_p()
+    _check(lib.cublasLtCreate(ctypes.byref(handle)), "cublasLtCreate")
+    return lib, handle
+
+
+def _check(status: int, what: str):
+    if status != 0:
+        raise CublasLtError(f"{what} failed with cublasStatus {status}")
+
+
+def version():
+    """cuBLASLt's version number (it can change under the same torch), or None without one."""
+    try:
+        lib, _ = _lib()
+    except (CublasLtError, OSError):
+        return None
+    lib.cublasLtGetVersion.restype = ctypes.c_size_t
+    return lib.cublasLtGetVersion()
+
+
+@functools.lru_cache(maxsize=None)
+def _workspace(device: int, nbytes: int) -> torch.Tensor:
+    # kept for the process: a graph captured with this pointer replays into it
+    return torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{device}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One GEMM shape and epilogue; `residual`: y += x @ w^T (beta = 1), no bias."""
+    m: int
+    n: int
+    k: int
+    dtype: torch.dtype
+    epilogue: str = "none"
+    residual: bool = False
+
+
+class _Descriptors:
+    """The cuBLASLt descriptors of one Problem; built once, kept for the life of the process."""
+
+    def __init__(self, p: Problem):
+        lib, self.handle = _lib()
+        self.lib = lib
+        data = {torch.float16: _CUDA_R_16F, torch.bfloat16: _CUDA_R_16BF}[p.dtype]
+        self.desc = ctypes.c_void_p()
+        _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _CUDA_R_32F), "MatmulDescCreate")
+        for attr, value in ((_DESC_TRANSA, _OP_T), (_DESC_TRANSB, _OP_N), (_DESC_EPILOGUE, EPILOGUES[p.epilogue])):
+            v = ctypes.c_int32(value)
+            _check(lib.cublasLtMatmulDescSetAttribute(self.desc, attr, ctypes.byref(v), 4), "MatmulDescSetAttribute")
+        if p.epilogue != "none":
+            v = ctypes.c_int32(data)
+            _check(lib.cublasLtMatmulDescSetAttribute(self.desc, _DESC_BIAS_DATA_TYPE, ctypes.byref(v), 4),
+                   "bias data type")
+        self.a, self.b, self.c = (self._layout(data, rows, cols) for rows, cols in
+                                  ((p.k, p.n), (p.k, p.m), (p.n, p.m)))
+
+    def _layout(self, data, rows, cols):
+        layout = ctypes.c_void_p()
+        _check(self.lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), data, ctypes.c_uint64(rows),
+                                                   ctypes.c_uint64(cols), ctypes.c_int64(rows)), "LayoutCreate")
+        return layout
+
+
+@functools.lru_cache(maxsize=None)
+def _descriptors(p: Problem) -> _Descriptors:
+    return _Descriptors(p)
+
+
+@functools.lru_cache(maxsize=None)
+def algorithms(p: Problem, count: int = ALGORITHMS) -> tuple:
+    """The heuristic's top `count` (algorithm, workspace bytes) for this problem, best-ranked first."""
+    d = _descriptors(p)
+    pref = ctypes.c_void_p()
+    _check(d.lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "PreferenceCreate")
+    size = ctypes.c_uint64(MAX_WORKSPACE_BYTES)
+    _check(d.lib.cublasLtMatmulPreferenceSetAttribute(pref, _PREF_MAX_WORKSPACE_BYTES, ctypes.byref(size), 8),
+           "PreferenceSetAttribute")
+    results = (_HeuristicResult * count)()
+    found = ctypes.c_int()
+    _check(d.lib.cublasLtMatmulAlgoGetHeuristic(d.handle, d.desc, d.a, d.b, d.c, d.c, pref, count, results,
+                                                ctypes.byref(found)), "AlgoGetHeuristic")
+    d.lib.cublasLtMatmulPreferenceDestroy(pref)
+    return tuple((r.algo, r.workspace) for r in results[:found.value] if r.state == 0)
+
+
+def describe(algo: _Algo) -> str:
+    """The algorithm's configuration (id, tile, split-K, stages, cluster), for logs."""
+    lib, _ = _lib()
+    parts = []
+    for name, attr in _CONFIG_ATTRS:
+        value = (ctypes.c_uint16 if _CONFIG_SIZES[name] == 2 else ctypes.c_uint32)()
+        written = ctypes.c_size_t()
+        if lib.cublasLtMatmulAlgoConfigGetAttribute(ctypes.byref(algo), attr, ctypes.byref(value),
+                                                    ctypes.sizeof(value), ctypes.byref(written)) == 0:
+            parts.append(f"{name}{value.value}")
+    return "-".join(parts)
+
+
+def matmul(p: Problem, algo_index: int, x: torch.Tensor, w: torch.Tensor, bias=None, out=None,
+           count: int = ALGORITHMS) -> torch.Tensor:
+    """act(x @ w^T + bias) per p.epilogue, or out += x @ w^T when p.residual, with the heuristic's
+    algorithm number `algo_index` of the heuristic's `count`. x (M, K), w (N, K), out (M, N): contiguous."""
+    d = _descriptors(p)
+    found = algorithms(p, count)
+    if algo_index >= len(found):
+        raise CublasLtError(f"cuBLASLt offers {len(found)} algorithms for {p}, not #{algo_index}")
+    algo, nbytes = found[algo_index]
+    if out is None:
+        out = torch.empty(p.m, p.n, device=x.device, dtype=p.dtype)
+    tensors = (x, w, out) if bias is None else (x, w, out, bias)
+    if not all(t.is_contiguous() and t.data_ptr() % 256 == 0 for t in tensors):
+        # the heuristic assumed its default: every operand 256-byte aligned (the engine's arena and packed
+        # weights are); a smaller alignment could select a kernel that reads out of bounds
+        raise CublasLtError("cuBLASLt algorithms here want contiguous, 256-byte-aligned operands")
+    if p.epilogue != "none":
+        ptr = ctypes.c_void_p(bias.data_ptr())
+        _check(d.lib.cublasLtMatmulDescSetAttribute(d.desc, _DESC_BIAS_POINTER, ctypes.byref(ptr), 8), "bias")
+    alpha, beta = ctypes.c_float(1.0), ctypes.c_float(1.0 if p.residual else 0.0)
+    ws = _workspace(x.device.index, nbytes).data_ptr() if nbytes else None
+    _check(d.lib.cublasLtMatmul(d.handle, d.desc, ctypes.byref(alpha), ctypes.c_void_p(w.data_ptr()), d.a,
+                                ctypes.c_void_p(x.data_ptr()), d.b, ctypes.byref(beta),
+                                ctypes.c_void_p(out.data_ptr()), d.c, ctypes.c_void_p(out.data_ptr()), d.c,
+                                ctypes.byref(algo), ctypes.c_void_p(ws), ctypes.c_size_t(nbytes),
+                                ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)), "cublasLtMatmul")
+    return out
