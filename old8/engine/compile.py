@@ -1,0 +1,523 @@
+"""Compile: build the engine for one batch size, choose each op's implementation by measuring
+it on this GPU, cache the choices under ./tmp/, and capture the whole forward in one graph.
+
+A cache entry is a JSON file keyed by everything that could change the choice (engine
+version, model config, batch, dtype, GPU, torch/Triton/CUDA versions, options); an entry
+whose key differs, or that does not parse, is reported and rebuilt, never used.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from modeling import ops
+from modeling.config import ViTConfig
+from modeling.vision_transformer import ActivationArena
+
+from . import EngineError
+from .target import Target
+from .timing import measure
+
+ENGINE_VERSION = "8"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+# 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
+# 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%
+DEFAULT_CACHE_ROOT = Path("tmp")
+
+
+@dataclass
+class Options:
+    """User-facing knobs that change what gets compiled."""
+    use_graph: Optional[bool] = None     # None: the target's default (on for CUDA, off for ROCm)
+    fp16_acc: bool = False               # cuBLAS float16 accumulation (float16 GEMMs only)
+    exact_gelu: bool = False             # forbid the tanh-approximate GELU epilogue for erf-GELU models
+    deterministic: bool = False          # bitwise-repeatable outputs: no split-K tiles (also when torch's
+                                         # deterministic algorithms are on)
+
+    def wants_determinism(self) -> bool:
+        return self.deterministic or torch.are_deterministic_algorithms_enabled()
+
+    def key(self) -> dict:
+        return {"fp16_acc": self.fp16_acc, "exact_gelu": self.exact_gelu, "deterministic": self.wants_determinism()}
+
+
+def apply_global_options(options: Options, dtype: torch.dtype):
+    """--use-fp16-acc maps to torch's cuBLAS float16-accumulation switch; it affects float16
+    GEMMs only (bfloat16 and float32 always accumulate in float32)."""
+    if hasattr(torch.backends.cuda.matmul, "allow_fp16_accumulation"):
+        torch.backends.cuda.matmul.allow_fp16_accumulation = bool(options.fp16_acc and dtype == torch.float16)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+# --- the cache -------------------------------------------------------------------------------
+
+def cache_dir(cfg: ViTConfig, batch: int, dtype: torch.dtype, root=DEFAULT_CACHE_ROOT) -> Path:
+    dt = str(dtype).replace("torch.", "")
+    return Path(root) / f"{cfg.model_name}_{cfg.variant}_bs{batch}_{dt}"
+
+
+def cache_key(cfg: ViTConfig, batch: int, dtype: torch.dtype, target: Target, options: Options,
+              use_graph: Optional[bool] = None) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "engine": ENGINE_VERSION, "config": json.loads(cfg.to_json()), "batch": batch,
+        "dtype": str(dtype), "gpu": target.name, "target": target.kind, "torch": torch.__version__,
+        "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None), "triton": triton_version,
+        "options": dict(options.key(), use_graph=use_graph),  # choices timed in or out of a graph differ
+    }
+
+
+def load_cached_plan(directory: Path, key: dict):
+    """(plan, None) from a valid matching entry, or (None, why it was not used)."""
+    path = directory / "plan.json"
+    if not path.exists():
+        return None, "no cache entry"
+    try:
+        entry = json.loads(path.read_text())
+        if entry.get("key") != key:
+            theirs = entry.get("key", {})
+            diff = [k for k in key if theirs.get(k) != key[k]]
+            return None, f"stale or foreign cache entry (differs in {', '.join(diff) or 'format'})"
+        return ops.Plan(**entry["plan"]), None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        return None, f"unreadable cache entry ({type(err).__name__})"
+
+
+def save_plan(directory: Path, key: dict, plan: ops.Plan, report: dict):
+    from .results import write_json_atomic
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(directory / "plan.json", {"key": key, "plan": plan.as_dict(), "measured": report})
+
+
+# --- choosing implementations by measuring ---------------------------------------------------
+
+try:
+    from triton.errors import TritonError as _TritonError  # compile/resource errors are not RuntimeErrors
+except ImportError:  # older Triton
+    class _TritonError(Exception):
+        pass
+
+_CAPTURE_STREAMS = {}
+
+
+def capture_stream() -> "torch.cuda.Stream":
+    """One side stream per device for every warm-up and capture: cuBLAS keeps a workspace per
+    stream for the life of the process, so a fresh stream per capture would leak one each time."""
+    device = torch.cuda.current_device()
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream()
+    return _CAPTURE_STREAMS[device]
+
+
+def capture_graph(fn, warmups: int = 1):
+    """Warm `fn` up on the capture stream (Triton JIT and library handles stay out of the graph),
+    then capture one call of it in a CUDA graph; returns (graph, what the captured call returned)."""
+    stream = capture_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = fn()
+    return graph, out
+
+
+def _graphed(fn, calls: int = 5):
+    """`calls` calls of fn replayed from one graph: timing it leaves out launch overhead, as the
+    engine's own graph does."""
+    graph, _ = capture_graph(lambda: [fn() for _ in range(calls)])
+    return graph.replay
+
+
+def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, rounds: int = 2) -> tuple:
+    """Time each callable (skipping those that fail here); return (name, {name: ms per call}).
+    Up to four candidates within `close` of the best are timed again in alternation, `rounds`
+    times, and keep the median of their timings: sequential timings drift with the GPU's clock
+    under its power cap, one short timing each flipped choices a few percent apart between runs,
+    and one transient once timed cuBLASLt's GELU epilogue 40% slow and lost it the plan."""
+    times, calls = {}, {}
+
+    def time_one(name, budget_s, min_iters=10):
+        fn = candidates[name]
+        if not use_graph:
+            return measure(fn, device, warmup_s=0.03, min_iters=min_iters, max_iters=200, budget_s=budget_s).median_ms
+        run = None
+        if name not in calls:
+            # a call of 0.2 ms or more is timed one per replay, fewer times: its launch overhead
+            # is noise, and at large batch five per replay made the timing most of a compile
+            # (decided once per candidate; the re-timing rounds reuse the decision)
+            run = _graphed(fn, 1)
+            long = measure(run, device, warmup_s=0, min_iters=2, max_iters=2, budget_s=0).median_ms >= 0.2
+            calls[name] = 1 if long else 5
+        n = calls[name]
+        if run is None or n != 1:
+            run = _graphed(fn, n)
+        return measure(run, device, warmup_s=0.01 if n == 1 else 0.03, min_iters=min_iters, max_iters=200,
+                       budget_s=budget_s / 3 if n == 1 else budget_s).median_ms / n
+    for name in candidates:
+        try:
+            times[name] = time_one(name, 0.12)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the batch does not fit: the sweep marks it OOM rather than caching a partial choice
+        except (RuntimeError, ValueError, NotImplementedError, _TritonError):
+            continue  # a backend that does not support this shape, dtype or GPU
+    if not times:
+        raise EngineError(f"no implementation of {', '.join(candidates)} runs here")
+    best = min(times.values())
+    finalists = sorted((n for n in times if times[n] <= best * (1 + close)), key=times.get)[:4]
+    if len(finalists) > 1:
+        samples = {n: [times[n]] for n in finalists}
+        for _ in range(rounds):
+            for n in finalists:
+                samples[n].append(time_one(n, 0.05, min_iters=5))
+        times.update({n: statistics.median(v) for n, v in samples.items()})
+    return min(times, key=times.get), times
+
+
+def _precompile(launches, threads: int = 8):
+    """Compile the Triton candidates side by side before timing them: from a cold Triton cache
+    each kernel variant costs ~1 s to compile, most of it in ptxas, which runs outside the GIL.
+    A launch that fails here is left for the timing pass to skip."""
+    from concurrent.futures import ThreadPoolExecutor
+    from modeling import kernels
+
+    def compile_one(launch):
+        with kernels.compile_only():
+            try:
+                launch()
+            except Exception:  # noqa: BLE001 (resource limits, unsupported shapes: _fastest skips them)
+                pass
+    if launches:
+        compile_one(launches[0])  # the first one alone: Triton sets up its driver and caches
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(compile_one, launches[1:]))
+
+
+# From this many rows a forward runs long enough to meet the GPU's power cap, and our Triton GEMM
+# tiles, timed alone in short bursts, must beat the vendor library by LIBRARY_MARGIN to be chosen:
+# at ViT-B/16 batch 256 plans with some of our tiles (one of them 2.4% ahead alone) ran 1.5-2.4% behind
+# the all-cuBLAS plan end to end; with the margin the plan was the fastest at four large sizes
+# (perf-notes attempts 33-34).
+LIBRARY_MARGIN_ROWS = 8192
+LIBRARY_MARGIN = 0.03
+
+
+def prefer_library(name: str, times: dict, library, margin: float) -> str:
+    """The fastest library candidate (names in `library`) unless `name`, the fastest of all, beats
+    it by more than `margin`."""
+    timed = [n for n in library if n in times]
+    if name in library or not timed or margin <= 0:
+        return name
+    fastest_library = min(timed, key=times.get)
+    return name if times[name] < times[fastest_library] * (1 - margin) else fastest_library
+
+
+@torch.no_grad()
+def choose_plan(model, batch: int, target: Target, options: Options, use_graph: bool = True) -> tuple:
+    """Measure each op's alternatives at this batch's real shapes, using block 0's weights."""
+    cfg = model.cfg
+    dev, dtype = target.device, model.patch_embed.weight.dtype
+    rows = batch * cfg.seq_len
+    blk = model.blocks[0]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(rows, cfg.embed_dim, device=dev, dtype=dtype, generator=gen)
+    n = blk.norm1
+    from modeling import kernels
+    norms = {"torch": lambda: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, "torch"),
+             "triton": lambda: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, "triton")}
+    if dtype != torch.float32:  # launch shapes only matter where the kernel is launch-bound
+        for t in kernels.norm_tiles(rows):
+            norms[f"triton:{t}"] = lambda t=t: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, "triton", tile=t)
+    a = torch.randn(rows, cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
+    residual, t_res = _fastest({
+        "add": lambda: ops.residual_linear(x, a, blk.proj.weight, "add"),
+        "addmm": lambda: ops.residual_linear(x, a, blk.proj.weight, "addmm"),
+    }, dev, use_graph)
+    # each block GEMM: cuBLAS, or our Triton GEMM with one of its tiles (kernels.py)
+    tiles = kernels.gemm_tiles(rows, options.wants_determinism()) if kernels.gemm_supported(
+        dev, dtype, cfg.embed_dim, cfg.mlp_hidden, 3 * cfg.num_heads * cfg.head_dim) else ()
+    h = torch.randn(rows, cfg.mlp_hidden, device=dev, dtype=dtype, generator=gen)
+    qkv = torch.randn(rows, 3 * cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
+    f1 = blk.fc1
+    fc1 = {"separate": lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "separate")}
+    # the tanh-GELU epilogue is an approximation below low-precision rounding, not below float32's
+    tanh_ok = cfg.act == "gelu_tanh" or (not options.exact_gelu and dtype != torch.float32)
+    if tanh_ok:
+        fc1["epilogue"] = lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue")
+    ours = "triton" if tanh_ok else "triton_erf"
+
+    def usable(tile, accumulate):  # its shared memory holds this epilogue; split K only accumulates
+        tile = ops.parse_gemm_tile(tile)
+        return tile.fits() and (accumulate or tile.split_k == 1)
+    triton_fc1 = {f"{ours}:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, ours, t))
+                  for t in tiles if usable(t, False)}
+
+    def gemm_tiled(run_tile, accumulate=False):
+        return {t: (lambda t=t: run_tile(t)) for t in tiles if usable(t, accumulate)}
+    w, b = blk.qkv.weight, blk.qkv.bias
+    triton_qkv = gemm_tiled(lambda tile: ops.linear(x, w, b, tile))
+    triton_proj = gemm_tiled(lambda tile: ops.residual_linear(x, a, blk.proj.weight, residual, tile), True)
+    triton_fc2 = gemm_tiled(lambda tile: ops.residual_linear(x, h, blk.fc2.weight, residual, tile), True)
+
+    def attention_with(backend, tile=""):
+        def run():
+            with ops.sdpa_backend(backend):
+                return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, backend, tile)
+        return run
+    sdpa, triton_attention = {}, {}
+    for backend in target.attention_backends:
+        if backend != "triton":
+            sdpa[backend] = attention_with(backend)
+        elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
+                triton_attention[f"triton:{tile}"] = attention_with("triton", str(tile))
+    triton_norms = {k: v for k, v in norms.items() if k.startswith("triton")}
+    _precompile([launch for site in (triton_fc1, triton_qkv, triton_proj, triton_fc2, triton_attention, triton_norms)
+                 for launch in site.values()])
+
+    norm, t_norm = _fastest(norms, dev, use_graph)
+    norm, _, norm_tile = norm.partition(":")
+
+    margin = LIBRARY_MARGIN if rows >= LIBRARY_MARGIN_ROWS else 0.0
+    mlp_act, t_act = _fastest({**fc1, **triton_fc1}, dev, use_graph)
+    mlp_act = prefer_library(mlp_act, t_act, fc1, margin)
+    mlp_act, _, fc1_tile = mlp_act.partition(":")
+
+    def gemm_site(cublas, tiled):
+        name, t = _fastest({"cublas": cublas, **tiled}, dev, use_graph)
+        name = prefer_library(name, t, ("cublas",), margin)
+        return ("" if name == "cublas" else name), t
+    qkv_tile, t_qkv = gemm_site(lambda: ops.linear(x, w, b), triton_qkv)
+    proj_tile, t_proj = gemm_site(lambda: ops.residual_linear(x, a, blk.proj.weight, residual), triton_proj)
+    fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, blk.fc2.weight, residual), triton_fc2)
+    attention, t_attn = _fastest({**sdpa, **triton_attention}, dev, use_graph)
+    attention, _, tile = attention.partition(":")
+    plan = ops.Plan(norm=norm, norm_tile=norm_tile, mlp_act=mlp_act, residual=residual, attention=attention,
+                    attention_tile=tile, qkv_tile=qkv_tile, fc1_tile=fc1_tile, proj_tile=proj_tile, fc2_tile=fc2_tile)
+    return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn, "qkv": t_qkv,
+                  "proj": t_proj, "fc2": t_fc2}
+
+
+# --- checking the plan end to end --------------------------------------------------------------
+# Each op's choice above is timed alone, on block 0's shapes, back to back with itself. In the
+# whole graph a candidate runs between other kernels (caches, clocks, launch overlap), and at small
+# batch two candidates a few percent apart alone can swap order by 5-12% end to end (perf-notes
+# attempt 31: bfloat16 ViT-B/16 batch 1 read 0.386-0.434 ms across compiles). So where a forward is
+# short, the plan and its closest runners-up are captured whole and timed against each other.
+# (At large batch the same idea, the plan against its all-cuBLAS variant on the first blocks, added
+# up to 3 s of compile and its short timings were noisy: perf-notes attempt 33; LIBRARY_MARGIN above
+# is what replaced it.)
+
+PLAN_SITES = ("mlp_act", "qkv", "proj", "fc2", "attention", "norm")
+REFINE_MAX_MS = 4.0   # estimated forward above which the end-to-end check is not worth its compile time
+REFINE_CLOSE = 0.10   # a runner-up more than this much slower alone is not tried
+REFINE_LIMIT = 4      # runners-up tried at most
+
+
+def with_choice(plan: ops.Plan, site: str, name: str) -> ops.Plan:
+    """`plan` with one site's implementation replaced by the candidate `name` as choose_plan names it."""
+    impl, _, tile = name.partition(":")
+    if site == "norm":
+        return replace(plan, norm=impl, norm_tile=tile)
+    if site == "mlp_act":
+        return replace(plan, mlp_act=impl, fc1_tile=tile)
+    if site == "attention":
+        return replace(plan, attention=impl, attention_tile=tile)
+    if site in ("qkv", "proj", "fc2"):
+        return replace(plan, **{f"{site}_tile": "" if name == "cublas" else name})
+    raise KeyError(f"no plan site {site!r}")
+
+
+def estimated_forward_ms(report: dict, depth: int) -> float:
+    """Each site's fastest isolated timing summed over the blocks (two LayerNorms per block)."""
+    fastest = {site: min(times.values()) for site, times in report.items() if times}
+    per_block = 2 * fastest.get("norm", 0.0) + sum(fastest.get(site, 0.0) for site in PLAN_SITES if site != "norm")
+    return depth * per_block
+
+
+def runners_up(plan: ops.Plan, report: dict, close: float = REFINE_CLOSE, limit: int = REFINE_LIMIT) -> dict:
+    """{"site=name": plan with that one swap} for each site's fastest alternative within `close`
+    of the site's best isolated time; the `limit` closest."""
+    found = []
+    for site in PLAN_SITES:
+        times = report.get(site) or {}
+        if not times:
+            continue
+        best = min(times.values())
+        for name in sorted(times, key=times.get):
+            alternative = with_choice(plan, site, name)
+            if alternative != plan:
+                if times[name] <= best * (1 + close):
+                    found.append((times[name] / best, f"{site}={name}", alternative))
+                break
+    found.sort(key=lambda item: item[0])
+    return {label: alternative for _, label, alternative in found[:limit]}
+
+
+def refine_plan(plan: ops.Plan, report: dict, time_plans) -> tuple:
+    """Time the plan against its runners-up end to end (`time_plans({label: plan}) -> {label: ms}`,
+    labels it could not run left out); if more than one swap beats the plan, their combination is
+    timed against the best of them. Returns (the fastest plan, {label: ms})."""
+    candidates = {"chosen": plan, **runners_up(plan, report)}
+    if len(candidates) == 1:
+        return plan, {}
+    times = time_plans(candidates)
+    if "chosen" not in times:
+        return plan, times
+    winners = sorted((label for label in times if times[label] < times["chosen"]), key=times.get)
+    if len(winners) > 1:
+        combined = plan
+        for label in winners:
+            site, _, name = label.partition("=")
+            combined = with_choice(combined, site, name)
+        final = time_plans({winners[0]: candidates[winners[0]], "combined": combined})
+        times.update({f"{label} (again)": ms for label, ms in final.items() if label != "combined"})
+        if "combined" in final:
+            times["combined"] = final["combined"]
+            if winners[0] in final and final["combined"] < final[winners[0]]:
+                return combined, times
+    return candidates[winners[0] if winners else "chosen"], times
+
+
+def graph_timer(model, batch: int, target: Target, rounds: int = 3, budget_s: float = 0.04):
+    """time_plans for refine_plan: each plan's whole forward captured in its own graph on one
+    activation arena, then timed in alternation, `rounds` times (median kept), so clock drift
+    under the power cap lands on every plan alike."""
+    cfg, dev = model.cfg, target.device
+    dtype = model.patch_embed.weight.dtype
+
+    @torch.no_grad()
+    def time_plans(plans: dict) -> dict:
+        images = torch.randn(batch, cfg.in_chans, *cfg.img_size, device=dev, dtype=dtype)
+        arena = ActivationArena(cfg, batch, dtype, dev)
+        graphs = {}
+        for label, plan in plans.items():
+            model.set_plan(plan)
+            try:
+                graphs[label], _ = capture_graph(lambda: model(images, arena))
+            except (RuntimeError, ValueError, NotImplementedError, _TritonError):
+                continue
+        samples = {label: [] for label in graphs}
+        for _ in range(rounds):
+            for label, graph in graphs.items():
+                samples[label].append(measure(graph.replay, dev, warmup_s=0.005, min_iters=10, max_iters=400,
+                                              budget_s=budget_s).median_ms)
+        del graphs
+        return {label: statistics.median(v) for label, v in samples.items()}
+    return time_plans
+
+
+# --- the compiled engine ---------------------------------------------------------------------
+
+@dataclass
+class CompiledEngine:
+    """The engine for one batch size: a model with its plan, replayed from one graph on GPU."""
+    model: torch.nn.Module
+    batch: int
+    target: Target
+    use_graph: bool
+    plan: ops.Plan
+    info: dict = field(default_factory=dict)
+    _graph: Optional[object] = None
+    _static_in: Optional[torch.Tensor] = None
+    _static_out: Optional[torch.Tensor] = None
+    _arena: Optional[object] = None
+
+    @property
+    def input_shape(self):
+        cfg = self.model.cfg
+        return (self.batch, cfg.in_chans, *cfg.img_size)
+
+    @property
+    def dtype(self):
+        return self.model.patch_embed.weight.dtype
+
+    def check_input(self, images: torch.Tensor):
+        want = (self.input_shape, self.dtype, self.target.device)
+        if not isinstance(images, torch.Tensor):
+            raise EngineError(f"input mismatch: expected a tensor of shape {want[0]}, given {type(images).__name__}")
+        got = (tuple(images.shape), images.dtype, images.device)
+        if got != want:
+            raise EngineError(f"input mismatch: expected shape {want[0]} {str(want[1]).replace('torch.', '')} "
+                              f"on {want[2]}, given {got[0]} {str(got[1]).replace('torch.', '')} on {got[2]}")
+
+    @torch.no_grad()
+    def capture(self):
+        shape, dev = self.input_shape, self.target.device
+        self._static_in = torch.randn(shape, device=dev, dtype=self.dtype)
+        # the activations live in one buffer of this engine's own, not in allocator segments; cached
+        # blocks (the plan's timing scratch) go back first, or the arena would be carved out of one
+        # and pin its whole segment
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        self._arena = ActivationArena(self.model.cfg, self.batch, self.dtype, dev)
+        if not self.use_graph:
+            return self
+        self._graph, self._static_out = capture_graph(lambda: self.model(self._static_in, self._arena), warmups=2)
+        torch.cuda.synchronize()
+        return self
+
+    @torch.no_grad()
+    def run(self):
+        """One forward on the engine's own input buffer (what the benchmark times)."""
+        if self._graph is not None:
+            self._graph.replay()
+            return self._static_out
+        return self.model.set_plan(self.plan)(self._static_in, self._arena)  # the model may serve other batch sizes
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_input(images)
+        if self._graph is None:
+            return self.model.set_plan(self.plan)(images, self._arena)
+        self._static_in.copy_(images)
+        self._graph.replay()
+        return self._static_out.clone()
+
+
+def compile_engine(model, batch: int, target: Target, options: Options, cache_root=DEFAULT_CACHE_ROOT,
+                   log=print) -> CompiledEngine:
+    """Choose (or reuse) the plan for this batch size and capture the graph."""
+    cfg = model.cfg
+    dtype = model.patch_embed.weight.dtype
+    t0 = time.perf_counter()
+    apply_global_options(options, dtype)
+    use_graph = target.use_graph(options.use_graph)
+    info = {"use_graph": use_graph}
+    if not target.is_gpu:
+        plan = ops.Plan()  # the CPU runs the plain-PyTorch reference path
+        info["plan_source"] = "reference (CPU)"
+    else:
+        directory = cache_dir(cfg, batch, dtype, cache_root)
+        key = cache_key(cfg, batch, dtype, target, options, use_graph)
+        plan, why = load_cached_plan(directory, key)
+        if plan is not None:
+            info["plan_source"] = f"cached ({directory})"
+        else:
+            if why != "no cache entry":
+                log(f"note: {directory}: {why}; rebuilding")
+            t_plan = time.perf_counter()
+            plan, report = choose_plan(model.set_plan(ops.Plan()), batch, target, options, use_graph)
+            if use_graph and estimated_forward_ms(report, cfg.depth) <= REFINE_MAX_MS:
+                plan, report["end_to_end"] = refine_plan(plan, report, graph_timer(model, batch, target))
+            info["plan_s"] = round(time.perf_counter() - t_plan, 2)
+            save_plan(directory, key, plan, report)
+            info["plan_source"] = f"measured, saved to {directory}"
+            info["measured"] = report
+    model.set_plan(plan)
+    engine = CompiledEngine(model, batch, target, use_graph, plan, info).capture()
+    info["compile_s"] = round(time.perf_counter() - t0, 2)
+    return engine

@@ -1,0 +1,319 @@
+"""Each fused op against its plain-PyTorch reference, on odd sizes (Triton under TRITON_INTERPRET=1)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling import ops
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("rows,width", [(197, 192), (577, 384), (197, 768), (50, 1024), (13, 1280), (3, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_layer_norm_matches_reference(rows, width, dtype):
+    g = torch.Generator().manual_seed(rows * width)
+    x = (torch.randn(rows, width, generator=g) * 3 + 1).to(dtype)
+    w, b = torch.randn(width, generator=g), torch.randn(width, generator=g)
+    shift = torch.randn(width, generator=g)
+    for s in (None, shift):
+        got = ops.layer_norm(x, w, b, 1e-6, s, impl="triton")
+        want = ops.layer_norm_reference(x, w, b, 1e-6, s)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert _rel(got, want) < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+def test_triton_layer_norm_strided_rows_and_plain_semantics():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(5, 197, 192, generator=g)
+    rows = tokens[:, 0]  # class-token rows: stride 197 * 192
+    w, b, s = torch.randn(192, generator=g), torch.randn(192, generator=g), torch.randn(192, generator=g)
+    got = ops.layer_norm(rows, w, b, 1e-5, s, impl="triton")
+    assert torch.allclose(got, F.layer_norm(rows + s, (192,), w, b, 1e-5), atol=1e-5)
+
+
+@pytest.mark.parametrize("tile", ["r1w2", "r2w8", "r16w4", "r1w1"])
+def test_triton_layer_norm_launch_shapes(tile):
+    """Every launch shape the plan may pick computes the same LayerNorm (rows that do not fill
+    the last program, rows narrower than the warps' reach)."""
+    from modeling import kernels
+    g = torch.Generator().manual_seed(len(tile))
+    x = torch.randn(37, 200, generator=g).half()
+    w, b, s = (torch.randn(200, generator=g) for _ in range(3))
+    assert _rel(ops.layer_norm(x, w, b, 1e-6, s, "triton", tile=tile), ops.layer_norm_reference(x, w, b, 1e-6, s)) < 2e-3
+    assert set(kernels.norm_tiles(576)) == set(kernels.NORM_TILE_CANDIDATES) and kernels.norm_tiles(50176) == ()
+    for bad in ("r3w4", "r2", "r2w64", "w4r2", "r0w4"):
+        with pytest.raises(ValueError, match="norm_tile"):
+            ops.Plan(norm="triton", norm_tile=bad)
+
+
+def test_triton_layer_norm_eps_matters():
+    x = torch.randn(7, 192) * 1e-3  # variance near eps: a wrong eps must change the output
+    w, b = torch.ones(192), torch.zeros(192)
+    a = ops.layer_norm(x, w, b, 1e-6, impl="triton")
+    c = ops.layer_norm(x, w, b, 1e-5, impl="triton")
+    assert _rel(a, c) > 1e-3
+
+
+@pytest.mark.parametrize("patch,size,chans", [(16, 48, 3), (14, 42, 3), (8, 24, 1), (32, 64, 3)])
+def test_patchify_gemm_matches_convolution(patch, size, chans):
+    g = torch.Generator().manual_seed(patch)
+    images = torch.randn(3, chans, size, size, generator=g)
+    w4 = torch.randn(24, chans, patch, patch, generator=g)
+    bias = torch.randn(24, generator=g)
+    got = (ops.patchify(images, (patch, patch)) @ w4.reshape(24, -1).t() + bias).view(3, -1, 24)
+    want = ops.patch_embed_reference(images, w4, bias)
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch,seq,heads,hd", [(2, 197, 3, 64), (1, 577, 2, 32), (3, 17, 4, 16)])
+def test_attention_on_fused_qkv_matches_reference(batch, seq, heads, hd):
+    qkv = torch.randn(batch * seq, 3 * heads * hd, generator=torch.Generator().manual_seed(seq))
+    got = ops.attention(qkv, batch, heads, hd)
+    want = ops.attention_reference(qkv, batch, heads, hd)
+    assert got.shape == (batch * seq, heads * hd)
+    assert _rel(got, want) < 1e-5
+
+
+def test_residual_linear_in_place_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    x, a, w = torch.randn(197, 192, generator=g), torch.randn(197, 96, generator=g), torch.randn(192, 96, generator=g)
+    want = ops.residual_linear_reference(x, a, w)
+    got = ops.residual_linear(x.clone(), a, w, "addmm")
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_gelu_epilogue_within_the_tanh_approximation_of_gelu():
+    # cuBLASLt's epilogue computes the tanh approximation (torch's CPU kernel the erf form);
+    # either way it must stay within the approximation's own bound of the exact GELU
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(33, 64, generator=g), torch.randn(256, 64, generator=g), torch.randn(256, generator=g)
+    got = ops.linear_gelu(x, w, b, "gelu", "epilogue")
+    exact = ops.linear_gelu_reference(x, w, b, "gelu")
+    tanh = ops.linear_gelu_reference(x, w, b, "gelu_tanh")
+    bound = (exact - tanh).abs().max().item()
+    assert 1e-4 < bound < 1e-3
+    assert (got - exact).abs().max().item() <= bound + 1e-5
+
+
+@pytest.mark.parametrize("pool", ["token", "avg", "max", "avgmax"])
+@pytest.mark.parametrize("include_prefix", [False, True])
+def test_pool_matches_timm(pool, include_prefix):
+    from timm.models.vision_transformer import global_pool_nlc
+    x = torch.randn(2, 21, 8)
+    assert torch.equal(ops.pool_tokens(x, pool, 5, include_prefix),
+                       global_pool_nlc(x, pool, num_prefix_tokens=5, reduce_include_prefix=include_prefix))
+
+
+def test_plan_rejects_unknown_impl():
+    with pytest.raises(ValueError, match="plan.norm"):
+        ops.Plan(norm="cuda-magic")
+
+
+@pytest.mark.parametrize("rows,n,k,tile", [
+    (197, 96, 80, "m32n32k16w4s2x1f"),   # ragged rows and K (TMA zero-fills past the edges)
+    (33, 200, 48, "m32n64k32w4s2x2"),    # two epilogue slices, ragged N, nested loop
+    (64, 64, 64, "m64n64k64w4s3x1f"),    # one tile
+    (150, 72, 40, "m32n32k16w4s2x2fws"),  # warp-specialized tile loop (a hint; the same math)
+    (70, 72, 200, "m32n64k128w4s2x1f"),  # a K step deeper than a ragged K's last one
+    (90, 40, 176, "m32n32k32w4s2x1fsk3"),  # split K: 6 steps in 3 units of 2 (the residual only)
+    (50, 64, 80, "m32n32k16w4s2x2fsk2"),  # 5 K steps in 2 units of 3, the last reading zeros past K
+])
+def test_triton_gemm_matches_reference(rows, n, k, tile):
+    g = torch.Generator().manual_seed(rows + n + k)
+    x, w, b = (torch.randn(*s, generator=g) for s in ((rows, k), (n, k), (n,)))
+    w /= k ** 0.5
+    stream = torch.randn(rows, n, generator=g)
+    want = ops.residual_linear_reference(stream, x, w)
+    got = ops.residual_linear(stream, x, w, "add", tile)
+    assert got.data_ptr() == stream.data_ptr() and _rel(got, want) < 1e-5  # accumulated in place
+    if ops.parse_gemm_tile(tile).split_k > 1:
+        return  # split K serves the in-place residual GEMMs only
+    assert _rel(ops.linear(x, w, b, tile), ops.linear(x, w, b)) < 1e-5
+    for act in ("gelu", "gelu_tanh"):
+        from modeling import kernels
+        got = kernels.linear(x, w, b, act, tile=ops.parse_gemm_tile(tile))
+        assert _rel(got, ops.linear_gelu_reference(x, w, b, act)) < 1e-5
+    # the plan's fc1 paths: "triton" is the tanh approximation whatever the model's GELU, "triton_erf" exact
+    assert _rel(ops.linear_gelu(x, w, b, "gelu", "triton", tile), ops.linear_gelu_reference(x, w, b, "gelu_tanh")) < 1e-5
+    assert _rel(ops.linear_gelu(x, w, b, "gelu", "triton_erf", tile), ops.linear_gelu_reference(x, w, b, "gelu")) < 1e-5
+    h = x.to(torch.float16)
+    assert _rel(ops.linear(h, w.half(), b.half(), tile).float(), ops.linear(x, w, b)) < 2e-3
+
+
+def test_gemm_tiles_parse_and_validate():
+    tile = ops.parse_gemm_tile("m128n256k64w8s3x2f")
+    assert (tile.block_m, tile.block_n, tile.block_k, tile.warps, tile.stages, tile.split_n, tile.flatten) == \
+        (128, 256, 64, 8, 3, 2, True)
+    assert str(tile) == "m128n256k64w8s3x2f" and tile.per_sm == 1
+    two = ops.parse_gemm_tile("m64n128k64w4s3x1fo2")
+    assert two.per_sm == 2 and str(two) == "m64n128k64w4s3x1fo2"
+    ws = ops.parse_gemm_tile("m128n256k64w8s3x2fws")
+    assert ws.ws and not tile.ws and str(ws) == "m128n256k64w8s3x2fws"
+    split = ops.parse_gemm_tile("m128n128k64w4s4x1fsk3")
+    assert split.split_k == 3 and tile.split_k == 1 and str(split) == "m128n128k64w4s4x1fsk3"
+    # shared memory: the 4-stage 128x256 ring and its epilogue slice fit (the residual is added by a
+    # reduce-add store, C is never staged); a fifth stage does not
+    assert ops.parse_gemm_tile("m128n256k64w8s4x2f").fits() and not ops.parse_gemm_tile("m128n256k64w8s5x2f").fits()
+    for bad in ("m128n256k64", "m128n256k64w8s3x3f", "m128n255k64w8s3x2", "m64n128k64w4s3x1fo3", "m64n128k64w4s3x1w",
+                "m64n128k64w4s3x1fsk1", "m64n128k64w4s3x1fsk9"):
+        with pytest.raises(ValueError, match="fc2_tile"):
+            ops.Plan(fc2_tile=bad)
+    ops.Plan(proj_tile="m64n64k128w4s4x1fsk2", fc2_tile="m64n64k128w4s4x1fsk2")
+    for site in ("qkv_tile", "fc1_tile"):  # split K adds into its output: only the in-place residual GEMMs can
+        with pytest.raises(ValueError, match=f"{site}.*in-place"):
+            ops.Plan(**{site: "m64n64k128w4s4x1fsk2"}, **({"mlp_act": "triton"} if site == "fc1_tile" else {}))
+    # an fc1 tile and the fc1 path that uses it come together
+    with pytest.raises(ValueError, match="fc1_tile"):
+        ops.Plan(mlp_act="triton")
+    with pytest.raises(ValueError, match="fc1_tile"):
+        ops.Plan(mlp_act="epilogue", fc1_tile="m64n128k64w4s3x1f")
+
+
+def test_gemm_candidates_narrow_with_the_shape():
+    """Small GEMMs time only the tiles at most 128 wide (the 128-deep ones only there), large ones
+    only one 128-row program per SM, mid-size ones the rest: every list is a subset of the
+    candidates and none is empty."""
+    from modeling import kernels
+    small, mid, large = (set(kernels.gemm_tiles(r)) for r in (196, 4096, 50176))
+    deep = {t for t in kernels.GEMM_TILE_CANDIDATES if ops.parse_gemm_tile(t).block_k == 128}
+    split = {t for t in kernels.GEMM_TILE_CANDIDATES if ops.parse_gemm_tile(t).split_k > 1}
+    assert deep and deep < small and not deep & (mid | large)
+    # split K below 2048 rows only, and never when the outputs must repeat bit for bit
+    assert split < small and split & set(kernels.gemm_tiles(1500)) and not split & (mid | large)
+    assert not split & set(kernels.gemm_tiles(196, deterministic=True))
+    assert set(kernels.gemm_tiles(196, deterministic=True)) == small - split
+    assert large < mid and mid | deep | split == set(kernels.GEMM_TILE_CANDIDATES)
+    assert all(ops.parse_gemm_tile(t).block_n <= 128 for t in small)
+    assert all(ops.parse_gemm_tile(t).block_m == 128 and ops.parse_gemm_tile(t).per_sm == 1 for t in large)
+    assert "m64n128k64w4s4x1f" in small and "m128n256k64w8s3x2f" in large
+
+
+@pytest.mark.parametrize("plan", [
+    ops.Plan(norm="triton", residual="addmm"),
+    ops.Plan(norm="triton", residual="addmm", attention="triton", attention_tile="m16n16w4s2",
+             qkv_tile="m32n32k16w4s2x1f", fc2_tile="m32n64k32w4s2x2"),
+    ops.Plan(norm="triton", residual="addmm", mlp_act="triton_erf", fc1_tile="m32n64k32w4s2x2fo2",
+             proj_tile="m32n32k16w4s2x1fo2", qkv_tile="m32n32k16w4s2x1f"),
+])
+def test_whole_engine_with_triton_kernels_matches_reference_path(plan):
+    """The engine with our Triton kernels (LayerNorm; attention and GEMMs) equals the reference path."""
+    import weight_utils as wu
+    from modeling.config import vit_config
+    cfg = vit_config("vit_micro_patch8_32", class_token=True, reg_tokens=1)
+    timm_model, _ = wu.source_model(cfg, seed=4)
+    model = wu.build_engine(cfg, wu.convert(timm_model, cfg), torch.float32, "cpu")
+    images = torch.randn(2, 3, 32, 32)
+    want = model(images)
+    assert _rel(model.set_plan(plan)(images), want) < 1e-5
+    # and a planted fault in one GEMM is seen
+    model.blocks[1].fc2.weight[0, 0] += 1.0
+    assert _rel(model(images), want) > 1e-4
+
+
+@pytest.mark.parametrize("feature", [dict(class_token=True, reg_tokens=1),
+                                     dict(pre_norm=True, class_token=False, global_pool="avg"),
+                                     dict(global_pool="avg", fc_norm=False, patch_size=4, img_size=(24, 40), in_chans=1)])
+def test_activation_arena_holds_the_activations(feature):
+    """With an arena the forward writes its activations there: the same logits, the residual stream
+    ends in the arena's x slot, and nothing is read before it is written (a NaN-filled arena
+    changes nothing)."""
+    import weight_utils as wu
+    from modeling.config import vit_config
+    from modeling.vision_transformer import ActivationArena
+    cfg = vit_config("vit_micro_patch8_32", **feature)
+    model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=6)[0], cfg), torch.float32, "cpu")
+    model.set_plan(ops.Plan(norm="triton", residual="addmm", attention="triton", attention_tile="m16n16w4s2",
+                            qkv_tile="m32n32k16w4s2x1f", mlp_act="triton_erf", fc1_tile="m32n32k16w4s2x1f",
+                            fc2_tile="m32n32k16w4s2x1f"))
+    images = torch.randn(2, cfg.in_chans, *cfg.img_size)
+    want = model(images)
+    arena = ActivationArena(cfg, 2, torch.float32, "cpu")
+    arena.buffer.fill_(255)  # every float32 in it is NaN
+    assert _rel(model(images, arena), want) < 1e-6
+    stream = model.embed(images)
+    for block in model.blocks:
+        stream = block(stream, 2, model.plan)
+    assert _rel(arena.take("x", cfg.embed_dim), stream) < 1e-6
+    with pytest.raises(ValueError, match="made for 2 images, given 3"):
+        model(torch.randn(3, cfg.in_chans, *cfg.img_size), arena)
+
+
+def test_engine_weights_live_in_one_allocation():
+    import weight_utils as wu
+    from modeling.config import vit_config
+    from modeling.vision_transformer import VisionTransformer
+    cfg = vit_config("vit_micro_patch8_32", class_token=True, reg_tokens=1)
+    state = wu.convert(wu.source_model(cfg, seed=5)[0], cfg)
+    loose = VisionTransformer(cfg).load_engine_state(wu.cast_state(state, torch.float32))
+    packed = wu.build_engine(cfg, state, torch.float32, "cpu")
+    storages = {t.untyped_storage().data_ptr() for t in packed.buffers()}
+    assert len(storages) == 1
+    base = storages.pop()
+    for (name, a), (_, b) in zip(loose.named_buffers(), packed.named_buffers()):
+        assert torch.equal(a, b) and (b.data_ptr() - base) % 256 == 0, name  # TMA wants 16-byte aligned
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loose(images), packed(images))
+
+
+@pytest.mark.parametrize("batch,seq,heads,hd,tile", [
+    (2, 197, 3, 64, "m64n64w4s2"),      # ragged last key block (masked), full ones unmasked
+    (1, 50, 2, 80, "m16n64w4s2"),       # head dim not a power of 2: padded columns
+    (2, 17, 4, 16, "m32n32w4s2"),       # fewer tokens than one tile
+    (2, 128, 2, 32, "m32n64w4s3tma"),   # TMA loads and stores, no ragged block
+    (3, 70, 2, 64, "m64n32w4s3tma"),    # TMA past each image's end and past the buffer's
+    (2, 84, 2, 32, "m64n64w4s2tma"),    # 20 ragged rows and keys by TMA
+    (1, 577, 2, 64, "m64n64w4s3"),      # ViT-L/16's one ragged query row and key
+    (2, 33, 3, 64, ""),                 # the tile chosen by shape
+])
+def test_triton_attention_matches_reference(batch, seq, heads, hd, tile):
+    g = torch.Generator().manual_seed(seq + hd)
+    qkv = torch.randn(batch * seq, 3 * heads * hd, generator=g).to(torch.float16)
+    got = ops.attention(qkv, batch, heads, hd, "triton", tile)
+    want = ops.attention_reference(qkv, batch, heads, hd)
+    assert got.shape == (batch * seq, heads * hd) and got.dtype == torch.float16
+    assert _rel(got, want) < 2e-3
+    assert _rel(ops.attention(qkv.float(), batch, heads, hd, "triton", tile), want.float()) < 2e-3
+
+
+def test_attention_tiles_parse_and_validate():
+    tile = ops.parse_attention_tile("m128n64w8s3tma")
+    assert (tile.block_m, tile.block_n, tile.warps, tile.stages, tile.tma) == (128, 64, 8, 3, True)
+    assert str(tile) == "m128n64w8s3tma"
+    assert ops.Plan(attention="triton", attention_tile="m64n32w4s2").attention_tile == "m64n32w4s2"
+    with pytest.raises(ValueError, match="attention_tile"):
+        ops.Plan(attention="triton", attention_tile="m64")
+
+
+def test_attention_tiles_offer_tma_only_where_it_works():
+    from modeling import kernels
+    cpu = torch.device("cpu")
+    assert any(t.tma for t in kernels.attention_tiles(4, 12, 196, 64, cpu))
+    assert not any(t.tma for t in kernels.attention_tiles(4, 12, 196, 80, cpu))  # hd 80: no TMA box
+
+
+def test_attention_block_m_fills_the_gpu():
+    from modeling.kernels import attention_block_m
+    assert attention_block_m(256, 12, 196) == 128
+    assert attention_block_m(1, 12, 196) == 16
+
+
+def test_compile_only_launches_nothing_and_ends_with_its_context():
+    """The plan compiles its Triton candidates in threads inside kernels.compile_only(): a launch
+    there must not run (its output stays untouched), and launches after the context run again."""
+    import threading
+
+    from modeling import kernels
+    x, w = torch.randn(40, 48), torch.randn(24, 48)
+    out = torch.full((40, 24), 7.0)
+    tile = ops.parse_gemm_tile("m32n32k16w4s2x1f")
+    with kernels.compile_only():
+        kernels.linear(x, w, out=out, tile=tile)
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(kernels.linear(x, w, tile=tile)))
+        other.start()
+        other.join()
+    assert torch.all(out == 7.0)
+    assert _rel(seen[0], x @ w.t()) < 1e-5  # another thread was not in compile-only mode
+    assert _rel(kernels.linear(x, w, out=out, tile=tile), x @ w.t()) < 1e-5

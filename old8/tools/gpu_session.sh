@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call: environment, GPU self-checks, verification, engine sweep, baselines, profiles.
+# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks cold)
+# cold times MODEL:BATCH[:DTYPE] specs from COLD_SIZES (default: both models at batch 1 and 256).
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+OUT="${OUT:-out}"; mkdir -p "$OUT"
+log() { echo "=== $*"; }
+for step in "$@"; do
+  case "$step" in
+    env) log env; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
+         python3 -c "import torch, timm, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'timm', timm.__version__, 'triton', triton.__version__)";;
+    selftest) log selftest; python3 tools/gpu_selftest.py;;
+    verify) log verify
+      for m in vit_base_patch16_224 vit_large_patch16_384; do for dt in float16 bfloat16; do
+        python3 verification.py --model-name $m --variant ait --dtype $dt --batch-size 8 2>&1 | grep -v '^note' ; done; done;;
+    bench_b) log bench_b; python3 benchmark_ait.py --model-name vit_base_patch16_224 --output-dir "$OUT" 2>&1 | grep -E "ait ait batch|error";;
+    bench_l) log bench_l; python3 benchmark_ait.py --model-name vit_large_patch16_384 --output-dir "$OUT" 2>&1 | grep -E "ait ait batch|error";;
+    pt) log pt
+      for m in vit_base_patch16_224 vit_large_patch16_384; do for b in 1 256; do
+        python3 benchmark_pt.py --model-name $m --batch-size $b --output-dir "$OUT" 2>&1 | grep -E "batch|error"; done; done;;
+    profile) log profile
+      for m in vit_base_patch16_224 vit_large_patch16_384; do for b in 1 256; do
+        python3 tools/profile_engine.py $m ait $b 2>&1 | grep -v Warn; done; done;;
+    clocks) log clocks; python3 tools/graph_vs_eager.py vit_base_patch16_224 256;;
+    cold) log "cold: one batch size compiled from an empty Triton cache and plan cache, each"
+      for spec in ${COLD_SIZES:-vit_base_patch16_224:1 vit_large_patch16_384:1 vit_base_patch16_224:256 vit_large_patch16_384:256}; do
+        IFS=: read -r m b dt <<< "$spec"; dt=${dt:-float16}  # MODEL:BATCH[:DTYPE]
+        plans="$OUT/cold/plans/${m}_bs${b}_${dt}_$RANDOM"
+        TRITON_CACHE_DIR=$(mktemp -d) python3 benchmark_ait.py --model-name "$m" --batch-size "$b" --dtype "$dt" \
+          --cache-dir "$plans" --output-dir "$OUT/cold/$dt" 2>&1 | grep -E "ait ait batch|rror"
+        python3 -c "import json,sys; r=[r for r in json.load(open(sys.argv[1]))['rows'] if r['batch_size']==$b][-1]; print(' compile_s', r.get('compile_s'), 'plan_s', r.get('plan_s'), 'plan', r.get('plan'))" \
+          "$OUT/cold/$dt/${m}_ait_benchmark_dev_-1.json"
+        python3 -c "import json,sys,glob; [print(' end_to_end', json.load(open(f))['measured'].get('end_to_end')) for f in glob.glob(sys.argv[1] + '/*/plan.json')]" "$plans"
+      done;;
+  esac
+done
