@@ -25,8 +25,8 @@ _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER, _DESC_BIAS_DATA_
 _OP_N, _OP_T = 0, 1
 EPILOGUES = {"none": 1, "bias": 4, "gelu_bias": 32 | 4}   # DEFAULT, BIAS, GELU(tanh) then BIAS
 _PREF_MAX_WORKSPACE_BYTES = 1
-_CONFIG_ATTRS = (("id", 0), ("tile", 1), ("splitk", 2), ("stages", 6), ("cluster", 8))
-_CONFIG_SIZES = {"id": 4, "tile": 4, "splitk": 4, "stages": 4, "cluster": 2}
+_CONFIG_ATTRS = (("id", 0, ctypes.c_uint32), ("tile", 1, ctypes.c_uint32), ("splitk", 2, ctypes.c_uint32),
+                 ("stages", 6, ctypes.c_uint32), ("cluster", 8, ctypes.c_uint16))
 ALGORITHMS = 8                   # the heuristic's top few the plan times (it offered 8 at every ViT shape tried)
 MAX_WORKSPACE_BYTES = 32 << 20   # what the heuristic may ask for; each algorithm gets only what it needs
 
@@ -144,8 +144,8 @@ def describe(algo: _Algo) -> str:
     """The algorithm's configuration (id, tile, split-K, stages, cluster), for logs."""
     lib, _ = _lib()
     parts = []
-    for name, attr in _CONFIG_ATTRS:
-        value = (ctypes.c_uint16 if _CONFIG_SIZES[name] == 2 else ctypes.c_uint32)()
+    for name, attr, ctype in _CONFIG_ATTRS:
+        value = ctype()
         written = ctypes.c_size_t()
         if lib.cublasLtMatmulAlgoConfigGetAttribute(ctypes.byref(algo), attr, ctypes.byref(value),
                                                     ctypes.sizeof(value), ctypes.byref(written)) == 0:

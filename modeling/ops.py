@@ -61,8 +61,8 @@ class Plan:
             if getattr(self, name) and lt_algorithm(getattr(self, name)) is None:
                 parse_gemm_tile(getattr(self, name), name)
         lt_fc1 = lt_algorithm(self.fc1_tile) is not None
-        if self.mlp_act.startswith("triton") != (bool(self.fc1_tile) and not lt_fc1) or (
-                lt_fc1 and self.mlp_act != "epilogue"):
+        triton_fc1 = bool(self.fc1_tile) and not lt_fc1
+        if self.mlp_act.startswith("triton") != triton_fc1 or (lt_fc1 and self.mlp_act != "epilogue"):
             raise ValueError(f"plan.mlp_act={self.mlp_act!r} with fc1_tile={self.fc1_tile!r}: a Triton tile goes "
                              "with mlp_act triton or triton_erf, and only with them; ltN with epilogue")
 
@@ -147,6 +147,7 @@ def parse_gemm_tile(text: str, what: str = "gemm tile"):
                     ws=bool(m[9]), split_k=int(m[10] or 1))
 
 
+@functools.lru_cache(maxsize=None)  # called on every forward outside a CUDA graph
 def lt_algorithm(tile: str):
     """"lt3" -> 3 (cuBLASLt's algorithm number, cublaslt.py); None for anything else."""
     m = re.fullmatch(r"lt(\d+)", tile)
@@ -182,9 +183,9 @@ def linear_gelu_reference(x, weight, bias, act):
 
 def linear_gelu(x, weight, bias, act, impl="separate", tile="", out=None):
     """fc1 with its bias and GELU. "epilogue" runs GELU in the cuBLASLt epilogue (torch's call, or
-    with `tile` "ltN" cuBLASLt's algorithm N), which computes the tanh approximation whatever `act` says (AITemplate's "fast_gelu" did the same); "triton"
-    runs our GEMM with `tile` and the tanh approximation in its epilogue, "triton_erf" the same
-    with the exact GELU."""
+    with `tile` "ltN" cuBLASLt's algorithm N), which computes the tanh approximation whatever `act`
+    says (AITemplate's "fast_gelu" did the same); "triton" runs our GEMM with `tile` and the tanh
+    approximation in its epilogue, "triton_erf" the same with the exact GELU."""
     if impl == "epilogue":
         if tile:  # cuBLASLt's algorithm "ltN"
             return _lt(x, weight, bias, tile, "gelu_bias", out=out)
