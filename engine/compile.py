@@ -24,10 +24,10 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "9"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+ENGINE_VERSION = "10"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
 # 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
 # 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%;
-# 9: cuBLASLt algorithms beyond its heuristic's first
+# 9: cuBLASLt algorithms beyond its heuristic's first; 10: Triton kernels by programmatic dependent launch
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 

@@ -6,6 +6,7 @@ Each kernel has a plain-PyTorch reference in ops.py and a test against it on odd
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -14,7 +15,41 @@ import triton
 import triton.language as tl
 
 
+try:  # Triton 3.3 and later: programmatic dependent launch (Hopper and later)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
 _COMPILE_ONLY = threading.local()
+
+# Programmatic dependent launch (docs/perf-notes.md, attempt 37): each kernel below is launched so
+# that the GPU may start it while the kernel before it finishes. It waits (griddepcontrol.wait)
+# before it reads or writes anything, and once every program of it runs, lets the next kernel
+# launch: kernel launch and ramp-up overlap the previous kernel's tail, which at batch 1 is a
+# good part of each 2-6 us kernel. FORCE_PDL None: wherever the GPU supports it (Hopper and later);
+# tools set True or False to compare.
+FORCE_PDL = None
+
+
+def use_pdl(device: torch.device) -> bool:
+    return _pdl_supported(device) if FORCE_PDL is None else FORCE_PDL
+
+
+@functools.lru_cache(maxsize=None)  # asked on every launch outside a CUDA graph
+def _pdl_supported(device: torch.device) -> bool:
+    if device.type != "cuda" or torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        return "launch_pdl" in CUDAOptions.__dataclass_fields__
+    except ImportError:
+        return False
 
 
 @contextlib.contextmanager
@@ -28,7 +63,10 @@ def compile_only():
         _COMPILE_ONLY.on = False
 
 
-def _launch(kernel, grid, *args, **kwargs):
+def _launch(kernel, grid, *args, pdl: bool = False, **kwargs):
+    kwargs["PDL"] = pdl
+    if pdl:
+        kwargs["launch_pdl"] = True
     if getattr(_COMPILE_ONLY, "on", False):
         kernel.warmup(*args, grid=grid, **kwargs)
     else:
@@ -37,8 +75,11 @@ def _launch(kernel, grid, *args, **kwargs):
 
 @triton.jit
 def _layer_norm_kernel(X, Y, W, B, S, n_rows, n_cols, stride_x, stride_y, eps,
-                       HAS_SHIFT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_SHIFT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # ROWS rows per program, each row whole in registers: one read and one write per element.
+    if PDL:  # launched early (programmatic dependent launch): wait for the kernel before
+        gdc_wait()
+        gdc_launch_dependents()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     col_ok = cols < n_cols
@@ -73,7 +114,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     _launch(
         _layer_norm_kernel, grid, x, out, weight, bias, shift if shift is not None else weight, n_rows, n_cols,
         x.stride(0), out.stride(0), eps, HAS_SHIFT=shift is not None, ROWS=rows, BLOCK=block,
-        num_warps=num_warps)
+        num_warps=num_warps, pdl=use_pdl(x.device))
     return out
 
 
@@ -118,12 +159,15 @@ def _load_rows(P, desc, b, row0, col, seq, stride, offs, offs_d, d_ok,
 @triton.jit
 def _attention_kernel(QKV, OUT, q_desc, kv_desc, o_desc, seq, heads, stride_qkv, stride_out, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+                      BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, PDL: tl.constexpr):
     # One program per (query block, batch * head). Q, K and V are read straight out of the
     # fused (B * T, 3 * H * hd) QKV GEMM output and the result is written as (B * T, H * hd),
     # the proj GEMM's input: no layout copies on either side. Full key blocks run unmasked;
     # the ragged last one (T = 196, 577, ...) is masked. With USE_TMA the tiles move by the
     # Hopper tensor-memory accelerator through descriptors on (B, T, width) views.
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
@@ -255,7 +299,7 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int,
         _attention_kernel, grid, qkv, out, q_desc, kv_desc, o_desc, seq, heads, qkv.stride(0), out.stride(0),
         head_dim ** -0.5 * 1.4426950408889634,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, USE_TMA=tile.tma,
-        num_warps=tile.warps, num_stages=tile.stages)
+        num_warps=tile.warps, num_stages=tile.stages, pdl=use_pdl(qkv.device))
     return out
 
 
@@ -280,7 +324,8 @@ def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, SPLIT_N: tl.constexpr,
                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACCUMULATE: tl.constexpr,
-                   FLATTEN: tl.constexpr, WS: tl.constexpr, REDUCE: tl.constexpr, SPLIT_K: tl.constexpr):
+                   FLATTEN: tl.constexpr, WS: tl.constexpr, REDUCE: tl.constexpr, SPLIT_K: tl.constexpr,
+                   PDL: tl.constexpr):
     # C = act(A @ W^T + bias), or C += A @ W^T (ACCUMULATE: the residual stream in place).
     # One program per SM walks the output tiles (grouped by GROUP_M rows of tiles so W stays in
     # L2); operand tiles move by TMA, and with FLATTEN the pipeliner issues the next tile's loads
@@ -292,6 +337,9 @@ def _linear_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K,
     # of C to wait for. So SPLIT_K work units can share a tile, each adding its own slice of K
     # into C (the same trip count for every unit: the last one reads zeros past K). The order of
     # those adds is the GPU's, so a split tile is not bitwise deterministic.
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
@@ -430,5 +478,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         PROGRAMS=programs, SPLIT_N=tile.split_n, HAS_BIAS=bias is not None,
         ACT={"": 0, "gelu": 1, "gelu_tanh": 3 if x.is_cuda else 2}[act], ACCUMULATE=accumulate, FLATTEN=tile.flatten,
         WS=tile.ws, REDUCE=1 if x.is_cuda else 2, SPLIT_K=tile.split_k,
-        num_warps=tile.warps, num_stages=tile.stages)
+        num_warps=tile.warps, num_stages=tile.stages, pdl=use_pdl(x.device))
     return out

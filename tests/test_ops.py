@@ -339,3 +339,23 @@ def test_compile_only_launches_nothing_and_ends_with_its_context():
     assert torch.all(out == 7.0)
     assert _rel(seen[0], x @ w.t()) < 1e-5  # another thread was not in compile-only mode
     assert _rel(kernels.linear(x, w, out=out, tile=tile), x @ w.t()) < 1e-5
+
+
+def test_programmatic_dependent_launch_asked_only_where_wanted(monkeypatch):
+    """A kernel launched early by the GPU must also be compiled to wait for the kernel before it:
+    launch_pdl and the kernel's PDL switch go together, and neither on the CPU (the interpreter
+    has no grid dependency control)."""
+    from modeling import kernels
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(kwargs)
+
+    calls = []
+    kernels._launch(Recorder(), (1,), 0, pdl=True, BLOCK=4)
+    kernels._launch(Recorder(), (1,), 0, pdl=False, BLOCK=4)
+    assert calls[0] == {"PDL": True, "launch_pdl": True, "BLOCK": 4}
+    assert calls[1] == {"PDL": False, "BLOCK": 4}
+    assert not kernels.use_pdl(torch.device("cpu"))
+    monkeypatch.setattr(kernels, "FORCE_PDL", True)
+    assert kernels.use_pdl(torch.device("cpu"))
