@@ -25,7 +25,7 @@ cfg = vit_config(name, "ait")
 model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=0)[0], cfg), torch.float16, target.device)
 kernels.FORCE_PDL = {"on": True, "off": False, "default": None}[level]
 engine = cp.compile_engine(model, batch, target, cp.Options(), cache_root=cache, log=print)
-t = measure(engine.run, target.device, warmup_s=0.3, budget_s=1.5)
+t = measure(engine.run, target.device, warmup_s=0.5, budget_s=4.0)
 images = torch.randn(engine.input_shape, device=target.device, dtype=torch.float16)
 graphed = engine(images).float()
 kernels.FORCE_PDL = False
