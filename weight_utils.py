@@ -345,6 +345,11 @@ def build_engine(cfg: ViTConfig, state: Dict[str, torch.Tensor], dtype: torch.dt
     return model.pack_to(device).eval()
 
 
+def seeded_engine(cfg: ViTConfig, dtype: torch.dtype, device, seed: int = 0):
+    """The engine model with seeded random weights, as the tools build it."""
+    return build_engine(cfg, convert(source_model(cfg, seed=seed)[0], cfg), dtype, device)
+
+
 # --- command line ----------------------------------------------------------------------------
 
 def _main():

@@ -29,7 +29,7 @@ for spec in sys.argv[1:]:
     name, batch = spec.split(":")
     batch = int(batch)
     cfg = vit_config(name, "ait")
-    model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=0)[0], cfg), torch.float16, target.device)
+    model = wu.seeded_engine(cfg, torch.float16, target.device)
     engines = {}
     for label, candidates in (("without", kept), ("with", kernels.GEMM_TILE_CANDIDATES + add)):
         with mock.patch.object(kernels, "GEMM_TILE_CANDIDATES", candidates):

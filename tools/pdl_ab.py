@@ -22,7 +22,7 @@ name, batch = spec.split(":")
 batch = int(batch)
 target = detect("cuda")
 cfg = vit_config(name, "ait")
-model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=0)[0], cfg), torch.float16, target.device)
+model = wu.seeded_engine(cfg, torch.float16, target.device)
 kernels.FORCE_PDL = {"on": True, "off": False, "default": None}[level]
 engine = cp.compile_engine(model, batch, target, cp.Options(), cache_root=cache, log=print)
 t = measure(engine.run, target.device, warmup_s=0.5, budget_s=4.0)

@@ -36,7 +36,7 @@ name, batch = spec.split(":")
 batch = int(batch)
 target = detect("cuda")
 cfg = vit_config(name, "ait")
-model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=0)[0], cfg), torch.float16, target.device)
+model = wu.seeded_engine(cfg, torch.float16, target.device)
 SITE_OF = {"torch": "norm", "cudnn": "attention", "math": "attention", "cublas": "gemm", "separate": "gemm",
            "add": "gemm"}
 

@@ -32,7 +32,7 @@ for spec in sys.argv[1:]:
     name, batch, *dt = spec.split(":")
     dtype = getattr(torch, dt[0]) if dt else torch.float16
     cfg = vit_config(name, "ait")
-    model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=0)[0], cfg), dtype, target.device)
+    model = wu.seeded_engine(cfg, dtype, target.device)
     engine = compile_engine(model, int(batch), target, Options(), cache_root=tempfile.mkdtemp(), log=print)
     print(f"{spec}: plan {engine.plan}")
     steps = [("right after compile", lambda: None),
