@@ -263,15 +263,17 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     lt_ok = (rows >= kernels.LIBRARY_ROWS and dtype in (torch.float16, torch.bfloat16) and not options.fp16_acc
              and cublaslt.version() is not None)
 
-    def lt(weight, epilogue="none", residual_form=False):  # "ltN" for each algorithm offered
+    def lt(weight, epilogue="none", residual_form=False):  # "ltN" for each algorithm offered, then the extra configs
         if not lt_ok:
             return ()
         n, k = weight.shape
+        problem = cublaslt.Problem(rows, n, k, dtype, epilogue, residual_form)
         try:
-            found = cublaslt.algorithms(cublaslt.Problem(rows, n, k, dtype, epilogue, residual_form))
+            found = cublaslt.algorithms(problem)
+            extra = cublaslt.extra_configs(problem) if cublaslt.PLAN_TIMES_EXTRA_CONFIGS else []
         except cublaslt.CublasLtError:
             return ()
-        return [f"lt{i}" for i in range(len(found))]
+        return [f"lt{i}" for i in range(len(found))] + ["lt" + ".".join(map(str, c)) for c in extra]
     lt_qkv = {t: (lambda t=t: ops.linear(x, w, b, t)) for t in lt(w, "bias")}
     lt_proj = {t: (lambda t=t: ops.residual_linear(x, a, blk.proj.weight, residual, t))
                for t in lt(blk.proj.weight, residual_form=True)}

@@ -25,9 +25,22 @@ _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER, _DESC_BIAS_DATA_
 _OP_N, _OP_T = 0, 1
 EPILOGUES = {"none": 1, "bias": 4, "gelu_bias": 32 | 4}   # DEFAULT, BIAS, GELU(tanh) then BIAS
 _PREF_MAX_WORKSPACE_BYTES = 1
+_CAP_SPLITK, _CAP_SWIZZLE, _CAP_TILE_IDS, _CAP_CUSTOM_MAX, _CAP_EPILOGUE_MASK, _CAP_STAGES_IDS = 0, 2, 6, 7, 12, 13
 _CONFIG_ATTRS = (("id", 0, ctypes.c_uint32), ("tile", 1, ctypes.c_uint32), ("splitk", 2, ctypes.c_uint32),
-                 ("stages", 6, ctypes.c_uint32), ("cluster", 8, ctypes.c_uint16))
+                 ("swizzle", 4, ctypes.c_uint32), ("custom", 5, ctypes.c_uint32), ("stages", 6, ctypes.c_uint32),
+                 ("cluster", 8, ctypes.c_uint16))
 ALGORITHMS = 8                   # the heuristic's top few the plan times (it offered 8 at every ViT shape tried)
+# Configurations outside the heuristic's eight, by epilogue ("residual": C = D): (algorithm id, tile,
+# stages, cluster shape, CTA swizzling, custom option) as cuBLASLt 13.1 numbers them, the best of ~100-300
+# timed alone per site at batch 256 (tools/lt_configs.py, perf-notes attempt 38); each is kept only where
+# cublasLtMatmulAlgoCheck accepts it for the shape at hand. The plan times them only with
+# PLAN_TIMES_EXTRA_CONFIGS (off until an end-to-end A/B shows the gain: tools/switch_ab.py ltextra=on).
+PLAN_TIMES_EXTRA_CONFIGS = False
+EXTRA_CONFIGS = {
+    "gelu_bias": ((66, 29, 35, 3, 0, 1), (66, 209, 35, 3, 0, 5)),
+    "bias": ((66, 422, 35, 3, 0, 5), (66, 209, 35, 3, 0, 4)),
+    "residual": ((66, 23, 35, 3, 0, 5), (66, 407, 35, 3, 0, 1)),
+}
 MAX_WORKSPACE_BYTES = 32 << 20   # what the heuristic may ask for; each algorithm gets only what it needs
 
 
@@ -98,7 +111,7 @@ class _Descriptors:
     def __init__(self, p: Problem):
         lib, self.handle = _lib()
         self.lib = lib
-        data = {torch.float16: _CUDA_R_16F, torch.bfloat16: _CUDA_R_16BF}[p.dtype]
+        self.data = data = {torch.float16: _CUDA_R_16F, torch.bfloat16: _CUDA_R_16BF}[p.dtype]
         self.desc = ctypes.c_void_p()
         _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _CUDA_R_32F), "MatmulDescCreate")
         for attr, value in ((_DESC_TRANSA, _OP_T), (_DESC_TRANSB, _OP_N), (_DESC_EPILOGUE, EPILOGUES[p.epilogue])):
@@ -140,6 +153,75 @@ def algorithms(p: Problem, count: int = ALGORITHMS) -> tuple:
     return tuple((r.algo, r.workspace) for r in results[:found.value] if r.state == 0)
 
 
+def algorithm_ids(p: Problem, count: int = 256) -> list:
+    """Every algorithm id cuBLASLt has for this problem's types (not all fit its shape or epilogue)."""
+    d = _descriptors(p)
+    ids = (ctypes.c_int * count)()
+    found = ctypes.c_int()
+    _check(d.lib.cublasLtMatmulAlgoGetIds(d.handle, _COMPUTE_32F, _CUDA_R_32F, d.data, d.data, d.data, d.data,
+                                          count, ids, ctypes.byref(found)), "AlgoGetIds")
+    return list(ids[:found.value])
+
+
+def capabilities(p: Problem, algo_id: int) -> dict:
+    """What one algorithm id can be configured with: tile and stage ids, CTA swizzling, custom options,
+    split K, and its epilogue mask."""
+    d = _descriptors(p)
+    algo = _Algo()
+    _check(d.lib.cublasLtMatmulAlgoInit(d.handle, _COMPUTE_32F, _CUDA_R_32F, d.data, d.data, d.data, d.data,
+                                        algo_id, ctypes.byref(algo)), "AlgoInit")
+    caps = {}
+    for name, attr in (("tiles", _CAP_TILE_IDS), ("stages", _CAP_STAGES_IDS)):
+        size = ctypes.c_size_t()
+        d.lib.cublasLtMatmulAlgoCapGetAttribute(ctypes.byref(algo), attr, None, 0, ctypes.byref(size))
+        values = (ctypes.c_uint32 * max(1, size.value // 4))()
+        _check(d.lib.cublasLtMatmulAlgoCapGetAttribute(ctypes.byref(algo), attr, values, ctypes.sizeof(values),
+                                                       ctypes.byref(size)), "AlgoCapGetAttribute")
+        caps[name] = list(values[:size.value // 4])
+    for name, attr, ctype in (("swizzle", _CAP_SWIZZLE, ctypes.c_uint32), ("custom_max", _CAP_CUSTOM_MAX, ctypes.c_int32),
+                              ("splitk", _CAP_SPLITK, ctypes.c_int32), ("epilogues", _CAP_EPILOGUE_MASK, ctypes.c_uint32)):
+        value, size = ctype(), ctypes.c_size_t()
+        _check(d.lib.cublasLtMatmulAlgoCapGetAttribute(ctypes.byref(algo), attr, ctypes.byref(value),
+                                                       ctypes.sizeof(value), ctypes.byref(size)), "AlgoCapGetAttribute")
+        caps[name] = value.value
+    return caps
+
+
+@functools.lru_cache(maxsize=None)  # called on every forward outside a CUDA graph
+def configured(p: Problem, algo_id: int, tile: int, stages: int, cluster: int = 0, swizzle: int = 0,
+               custom: int = 0):
+    """(algorithm, workspace bytes) for one explicit configuration, or None where cuBLASLt's check
+    refuses it for this problem (shape, epilogue, alignment, workspace over MAX_WORKSPACE_BYTES)."""
+    d = _descriptors(p)
+    algo = _Algo()
+    _check(d.lib.cublasLtMatmulAlgoInit(d.handle, _COMPUTE_32F, _CUDA_R_32F, d.data, d.data, d.data, d.data,
+                                        algo_id, ctypes.byref(algo)), "AlgoInit")
+    for attr, value in ((1, ctypes.c_uint32(tile)), (6, ctypes.c_uint32(stages)), (8, ctypes.c_uint16(cluster)),
+                        (4, ctypes.c_uint32(swizzle)), (5, ctypes.c_uint32(custom)), (2, ctypes.c_int32(1))):
+        if d.lib.cublasLtMatmulAlgoConfigSetAttribute(ctypes.byref(algo), attr, ctypes.byref(value),
+                                                      ctypes.sizeof(value)) != 0:
+            return None
+    result = _HeuristicResult()
+    if d.lib.cublasLtMatmulAlgoCheck(d.handle, d.desc, d.a, d.b, d.c, d.c, ctypes.byref(algo),
+                                     ctypes.byref(result)) != 0 or result.state != 0:
+        return None
+    if result.workspace > MAX_WORKSPACE_BYTES:
+        return None
+    return algo, result.workspace
+
+
+def extra_configs(p: Problem) -> list:
+    """The EXTRA_CONFIGS for this problem's epilogue that cuBLASLt accepts for its shape and that are
+    not already among the heuristic's picks."""
+    offered = {describe(algo) for algo, _ in algorithms(p)}
+    keep = []
+    for config in EXTRA_CONFIGS.get("residual" if p.residual else p.epilogue, ()):
+        found = configured(p, *config)
+        if found is not None and describe(found[0]) not in offered:
+            keep.append(config)
+    return keep
+
+
 def describe(algo: _Algo) -> str:
     """The algorithm's configuration (id, tile, split-K, stages, cluster), for logs."""
     lib, _ = _lib()
@@ -157,11 +239,15 @@ def matmul(p: Problem, algo_index: int, x: torch.Tensor, w: torch.Tensor, bias=N
            count: int = ALGORITHMS) -> torch.Tensor:
     """act(x @ w^T + bias) per p.epilogue, or out += x @ w^T when p.residual, with the heuristic's
     algorithm number `algo_index` of the heuristic's `count`. x (M, K), w (N, K), out (M, N): contiguous."""
-    d = _descriptors(p)
     found = algorithms(p, count)
     if algo_index >= len(found):
         raise CublasLtError(f"cuBLASLt offers {len(found)} algorithms for {p}, not #{algo_index}")
-    algo, nbytes = found[algo_index]
+    return run(p, *found[algo_index], x, w, bias, out)
+
+
+def run(p: Problem, algo: _Algo, nbytes: int, x: torch.Tensor, w: torch.Tensor, bias=None, out=None) -> torch.Tensor:
+    """matmul() with a given algorithm and its workspace size (from algorithms() or configured())."""
+    d = _descriptors(p)
     if out is None:
         out = torch.empty(p.m, p.n, device=x.device, dtype=p.dtype)
     tensors = (x, w, out) if bias is None else (x, w, out, bias)

@@ -42,7 +42,8 @@ class Plan:
     residual: str = "add"          # proj/fc2 + residual: out-of-place add, or in-place addmm
     attention: str = "auto"        # an SDPA backend ("auto": torch's choice), or our Triton kernel
     attention_tile: str = ""       # the Triton kernel's launch tile, e.g. "m64n64w4s3tma" ("": by shape)
-    qkv_tile: str = ""             # "" cuBLAS as torch calls it; "lt3" cuBLASLt's algorithm 3 (cublaslt.py);
+    qkv_tile: str = ""             # "" cuBLAS as torch calls it; "lt3" cuBLASLt's algorithm 3, "lt66.29.35.3.0.1"
+                                   # an explicit cuBLASLt configuration (cublaslt.py);
                                    # else our persistent TMA GEMM with this tile (kernels.py)
     fc1_tile: str = ""             # likewise for fc1 ("ltN" with mlp_act "epilogue", tiles with "triton*")
     proj_tile: str = ""            # likewise for proj and fc2, accumulating into the residual stream in place
@@ -149,15 +150,25 @@ def parse_gemm_tile(text: str, what: str = "gemm tile"):
 
 @functools.lru_cache(maxsize=None)  # called on every forward outside a CUDA graph
 def lt_algorithm(tile: str):
-    """"lt3" -> 3 (cuBLASLt's algorithm number, cublaslt.py); None for anything else."""
-    m = re.fullmatch(r"lt(\d+)", tile)
-    return int(m[1]) if m else None
+    """"lt3" -> 3, cuBLASLt's heuristic's algorithm number 3; "lt66.29.35.3.0.1" -> (66, 29, 35, 3, 0, 1),
+    an explicit configuration (id, tile, stages, cluster, swizzle, custom option; cublaslt.py);
+    None for anything else."""
+    m = re.fullmatch(r"lt(\d+)((?:\.\d+){5})?", tile)
+    if not m:
+        return None
+    return tuple(int(v) for v in tile[2:].split(".")) if m[2] else int(m[1])
 
 
 def _lt(x, weight, bias, tile, epilogue="none", residual=False, out=None):
     from . import cublaslt
     problem = cublaslt.Problem(x.shape[0], weight.shape[0], x.shape[1], x.dtype, epilogue, residual)
-    return cublaslt.matmul(problem, lt_algorithm(tile), x, weight, bias, out=out)
+    algorithm = lt_algorithm(tile)
+    if isinstance(algorithm, int):
+        return cublaslt.matmul(problem, algorithm, x, weight, bias, out=out)
+    found = cublaslt.configured(problem, *algorithm)
+    if found is None:
+        raise cublaslt.CublasLtError(f"cuBLASLt refuses configuration {tile} for {problem}")
+    return cublaslt.run(problem, *found, x, weight, bias, out=out)
 
 
 def linear(x, weight, bias, tile="", out=None):

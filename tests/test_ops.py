@@ -1,4 +1,6 @@
 """Each fused op against its plain-PyTorch reference, on odd sizes (Triton under TRITON_INTERPRET=1)."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,18 +181,39 @@ def test_cublaslt_algorithms_in_the_plan():
     plan = ops.Plan(qkv_tile="lt3", proj_tile="lt0", fc2_tile="lt7", mlp_act="epilogue", fc1_tile="lt2")
     assert [ops.lt_algorithm(t) for t in (plan.qkv_tile, plan.fc1_tile, "m64n64k64w4s3x1f", "", "lt")] == \
         [3, 2, None, None, None]
+    # an explicit configuration: (algorithm id, tile, stages, cluster, swizzle, custom option), all six
+    assert ops.lt_algorithm("lt66.29.35.3.0.1") == (66, 29, 35, 3, 0, 1)
+    assert ops.Plan(mlp_act="epilogue", fc1_tile="lt66.29.35.3.0.1").fc1_tile == "lt66.29.35.3.0.1"
     for act in ("separate", "triton", "triton_erf"):
         with pytest.raises(ValueError, match="fc1_tile"):
             ops.Plan(mlp_act=act, fc1_tile="lt1")
-    for bad in ("lt", "ltx", "lt-1", "lt1f"):
+    for bad in ("lt", "ltx", "lt-1", "lt1f", "lt66.29.35.3.0", "lt66.29.35.3.0.1.2", "lt66..35.3.0.1"):
         with pytest.raises(ValueError, match="fc2_tile"):
             ops.Plan(fc2_tile=bad)
     assert with_choice(ops.Plan(), "mlp_act", "epilogue:lt2") == ops.Plan(mlp_act="epilogue", fc1_tile="lt2")
+    assert with_choice(ops.Plan(), "mlp_act", "epilogue:lt66.29.35.3.0.1").fc1_tile == "lt66.29.35.3.0.1"
     assert with_choice(plan, "qkv", "cublas").qkv_tile == "" and with_choice(plan, "fc2", "lt1").fc2_tile == "lt1"
     if not torch.cuda.is_available():
         assert cublaslt.version() is None
         with pytest.raises(cublaslt.CublasLtError, match="NVIDIA GPU"):
             ops.linear(torch.ones(4, 8), torch.ones(2, 8), torch.ones(2), "lt0")
+
+
+def test_extra_cublaslt_configurations_by_epilogue(monkeypatch):
+    """The explicit configurations offered to the plan are the table's for the problem's form (GELU,
+    bias, residual), only those cuBLASLt's check accepts, and none the heuristic already picked."""
+    from modeling import cublaslt
+    table = {"gelu_bias": ((66, 1, 35, 3, 0, 1), (66, 2, 35, 3, 0, 1), (66, 3, 35, 3, 0, 1)),
+             "bias": ((66, 4, 35, 3, 0, 1),), "residual": ((66, 5, 35, 3, 0, 1), (66, 6, 35, 3, 0, 1))}
+    monkeypatch.setattr(cublaslt, "EXTRA_CONFIGS", table)
+    monkeypatch.setattr(cublaslt, "algorithms", lambda p: (("tile2", 0),))        # the heuristic picked tile 2
+    monkeypatch.setattr(cublaslt, "describe", lambda algo: algo)
+    monkeypatch.setattr(cublaslt, "configured", lambda p, *c: None if c[1] == 3 else (f"tile{c[1]}", 0))
+    problem = functools.partial(cublaslt.Problem, 50176, 3072, 768, torch.float16)
+    assert cublaslt.extra_configs(problem("gelu_bias")) == [table["gelu_bias"][0]]   # 2 offered, 3 refused
+    assert cublaslt.extra_configs(problem("bias")) == [table["bias"][0]]
+    assert cublaslt.extra_configs(problem("none", residual=True)) == list(table["residual"])
+    assert cublaslt.extra_configs(problem("none")) == []
 
 
 def test_gemm_candidates_narrow_with_the_shape():

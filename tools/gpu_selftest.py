@@ -58,7 +58,8 @@ for dtype in (torch.float16, torch.bfloat16):
         out = ops.attention(qkv, 3, 16, 64, "triton", str(tile)).float()
         print(f"triton attention {tile} {dtype}: rel err {((out - ref).norm() / ref.norm()):.1e}")
 
-# cuBLASLt's algorithms (modeling/cublaslt.py) at odd sizes: every one the heuristic offers, in every
+# cuBLASLt's algorithms (modeling/cublaslt.py) at odd sizes: every one the heuristic offers and every explicit
+# configuration cuBLASLt accepts at that size, in every
 # form the plan uses, against float32, with 256-byte-aligned operands as the engine's arena gives
 from modeling import cublaslt  # noqa: E402
 for dtype in (torch.float16, torch.bfloat16):
@@ -72,14 +73,16 @@ for dtype in (torch.float16, torch.bfloat16):
             ("+=", "none", True, None)):
         problem = cublaslt.Problem(m, n, k, dtype, epilogue, residual)
         errs = []
-        for i in range(len(cublaslt.algorithms(problem))):
+        names = [f"lt{i}" for i in range(len(cublaslt.algorithms(problem)))]
+        names += ["lt" + ".".join(map(str, c)) for c in cublaslt.extra_configs(problem)]  # those valid here
+        for tile in names:
             stream = torch.randn(m, n, device=dev, dtype=dtype)
             if residual:
-                got = ops.residual_linear(stream.clone(), a, w, "addmm", f"lt{i}").float()
+                got = ops.residual_linear(stream.clone(), a, w, "addmm", tile).float()
                 want = stream.float() + lin - b.float()
             elif epilogue == "bias":
-                got = ops.linear(a, w, b, f"lt{i}").float()
+                got = ops.linear(a, w, b, tile).float()
             else:
-                got = ops.linear_gelu(a, w, b, "gelu", "epilogue", f"lt{i}").float()
-            errs.append(f"lt{i} {((got - want).norm() / want.norm()):.1e}")
+                got = ops.linear_gelu(a, w, b, "gelu", "epilogue", tile).float()
+            errs.append(f"{tile} {((got - want).norm() / want.norm()):.1e}")
         print(f"cublaslt {form} {dtype} ({m}x{n}x{k}): {', '.join(errs)}")

@@ -1,0 +1,47 @@
+"""One engine switch on or off, in a fresh process per call, from the plan cached in CACHE
+(measured here, with the switch as given, when CACHE has none; give each setting of a switch that
+changes the plan's candidates its own CACHE). Prints the median, and the largest difference of the
+logits from the same plan run eagerly without programmatic dependent launch.
+
+    python3 tools/switch_ab.py MODEL:BATCH CACHE SWITCH=VALUE
+
+    pdl=on|off|default   programmatic dependent launch of our Triton kernels (perf-notes attempt 37)
+    ltextra=on|off       the explicit cuBLASLt configurations among the plan's candidates (attempt 38)
+"""
+import sys
+
+import torch
+
+import modeling  # noqa: F401
+import weight_utils as wu
+from engine import compile as cp
+from engine.target import detect
+from engine.timing import measure
+from modeling import cublaslt, kernels
+from modeling.config import vit_config
+
+spec, cache, switch = sys.argv[1:4]
+name, batch = spec.split(":")
+batch = int(batch)
+key, _, value = switch.partition("=")
+if key == "pdl":
+    kernels.FORCE_PDL = {"on": True, "off": False, "default": None}[value]
+elif key == "ltextra":
+    if value not in ("on", "off"):
+        raise SystemExit(f"ltextra={value!r}: on or off")
+    cublaslt.PLAN_TIMES_EXTRA_CONFIGS = value == "on"
+else:
+    raise SystemExit(f"unknown switch {switch!r}: pdl=on|off|default or ltextra=on|off")
+target = detect("cuda")
+cfg = vit_config(name, "ait")
+model = wu.seeded_engine(cfg, torch.float16, target.device)
+engine = cp.compile_engine(model, batch, target, cp.Options(), cache_root=cache, log=print)
+t = measure(engine.run, target.device, warmup_s=0.5, budget_s=4.0)
+images = torch.randn(engine.input_shape, device=target.device, dtype=torch.float16)
+graphed = engine(images).float()
+kernels.FORCE_PDL = False
+with torch.no_grad():
+    eager = model.set_plan(engine.plan)(images).float()
+print(f"{spec} {switch:12s} {t.median_ms:.4f} ms (p10 {t.p10_ms:.4f}, p90 {t.p90_ms:.4f})  "
+      f"max |graphed - eager without PDL| {(graphed - eager).abs().max().item():.2e} "
+      f"(logits up to {eager.abs().max().item():.1f})  plan {engine.plan}", flush=True)
