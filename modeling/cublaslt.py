@@ -28,7 +28,7 @@ _PREF_MAX_WORKSPACE_BYTES = 1
 _CAP_SPLITK, _CAP_SWIZZLE, _CAP_TILE_IDS, _CAP_CUSTOM_MAX, _CAP_EPILOGUE_MASK, _CAP_STAGES_IDS = 0, 2, 6, 7, 12, 13
 _CONFIG_ATTRS = (("id", 0, ctypes.c_uint32), ("tile", 1, ctypes.c_uint32), ("splitk", 2, ctypes.c_uint32),
                  ("swizzle", 4, ctypes.c_uint32), ("custom", 5, ctypes.c_uint32), ("stages", 6, ctypes.c_uint32),
-                 ("cluster", 8, ctypes.c_uint16))
+                 ("cluster", 8, ctypes.c_uint16), ("inner", 7, ctypes.c_uint16))
 ALGORITHMS = 8                   # the heuristic's top few the plan times (it offered 8 at every ViT shape tried)
 # Configurations outside the heuristic's eight, by epilogue ("residual": C = D): (algorithm id, tile,
 # stages, cluster shape, CTA swizzling, custom option) as cuBLASLt 13.1 numbers them, the best of ~100-300
@@ -38,7 +38,7 @@ ALGORITHMS = 8                   # the heuristic's top few the plan times (it of
 PLAN_TIMES_EXTRA_CONFIGS = False
 EXTRA_CONFIGS = {
     "gelu_bias": ((66, 29, 35, 3, 0, 1), (66, 209, 35, 3, 0, 5)),
-    "bias": ((66, 422, 35, 3, 0, 5), (66, 209, 35, 3, 0, 4)),
+    "bias": ((66, 422, 35, 3, 0, 5), (66, 472, 35, 5, 0, 7)),
     "residual": ((66, 23, 35, 3, 0, 5), (66, 407, 35, 3, 0, 1)),
 }
 MAX_WORKSPACE_BYTES = 32 << 20   # what the heuristic may ask for; each algorithm gets only what it needs
@@ -173,7 +173,8 @@ def capabilities(p: Problem, algo_id: int) -> dict:
     caps = {}
     for name, attr in (("tiles", _CAP_TILE_IDS), ("stages", _CAP_STAGES_IDS)):
         size = ctypes.c_size_t()
-        d.lib.cublasLtMatmulAlgoCapGetAttribute(ctypes.byref(algo), attr, None, 0, ctypes.byref(size))
+        _check(d.lib.cublasLtMatmulAlgoCapGetAttribute(ctypes.byref(algo), attr, None, ctypes.c_size_t(0),
+                                                       ctypes.byref(size)), "AlgoCapGetAttribute (size)")
         values = (ctypes.c_uint32 * max(1, size.value // 4))()
         _check(d.lib.cublasLtMatmulAlgoCapGetAttribute(ctypes.byref(algo), attr, values, ctypes.sizeof(values),
                                                        ctypes.byref(size)), "AlgoCapGetAttribute")
@@ -223,7 +224,8 @@ def extra_configs(p: Problem) -> list:
 
 
 def describe(algo: _Algo) -> str:
-    """The algorithm's configuration (id, tile, split-K, stages, cluster), for logs."""
+    """The algorithm's configuration (id, tile, split-K, swizzling, custom option, stages, cluster, inner
+    shape), for logs and to tell configurations apart."""
     lib, _ = _lib()
     parts = []
     for name, attr, ctype in _CONFIG_ATTRS:

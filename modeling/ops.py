@@ -153,10 +153,13 @@ def lt_algorithm(tile: str):
     """"lt3" -> 3, cuBLASLt's heuristic's algorithm number 3; "lt66.29.35.3.0.1" -> (66, 29, 35, 3, 0, 1),
     an explicit configuration (id, tile, stages, cluster, swizzle, custom option; cublaslt.py);
     None for anything else."""
-    m = re.fullmatch(r"lt(\d+)((?:\.\d+){5})?", tile)
+    m = re.fullmatch(r"lt(0|[1-9]\d*)((?:\.(?:0|[1-9]\d*)){5})?", tile)  # no leading zeros: one name each
     if not m:
         return None
-    return tuple(int(v) for v in tile[2:].split(".")) if m[2] else int(m[1])
+    if not m[2]:
+        return int(m[1])
+    config = tuple(int(v) for v in tile[2:].split("."))
+    return config if config[3] < 1 << 16 and max(config) < 1 << 31 else None  # cluster id is 16 bits
 
 
 def _lt(x, weight, bias, tile, epilogue="none", residual=False, out=None):

@@ -187,7 +187,8 @@ def test_cublaslt_algorithms_in_the_plan():
     for act in ("separate", "triton", "triton_erf"):
         with pytest.raises(ValueError, match="fc1_tile"):
             ops.Plan(mlp_act=act, fc1_tile="lt1")
-    for bad in ("lt", "ltx", "lt-1", "lt1f", "lt66.29.35.3.0", "lt66.29.35.3.0.1.2", "lt66..35.3.0.1"):
+    for bad in ("lt", "ltx", "lt-1", "lt1f", "lt66.29.35.3.0", "lt66.29.35.3.0.1.2", "lt66..35.3.0.1",
+                "lt066.29.35.3.0.1", "lt66.29.35.65539.0.1"):
         with pytest.raises(ValueError, match="fc2_tile"):
             ops.Plan(fc2_tile=bad)
     assert with_choice(ops.Plan(), "mlp_act", "epilogue:lt2") == ops.Plan(mlp_act="epilogue", fc1_tile="lt2")

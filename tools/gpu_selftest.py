@@ -58,8 +58,8 @@ for dtype in (torch.float16, torch.bfloat16):
         out = ops.attention(qkv, 3, 16, 64, "triton", str(tile)).float()
         print(f"triton attention {tile} {dtype}: rel err {((out - ref).norm() / ref.norm()):.1e}")
 
-# cuBLASLt's algorithms (modeling/cublaslt.py) at odd sizes: every one the heuristic offers and every explicit
-# configuration cuBLASLt accepts at that size, in every
+# cuBLASLt's algorithms (modeling/cublaslt.py) at odd sizes: every one the heuristic offers and each of
+# cublaslt.EXTRA_CONFIGS that cuBLASLt accepts there and the heuristic did not offer, in every
 # form the plan uses, against float32, with 256-byte-aligned operands as the engine's arena gives
 from modeling import cublaslt  # noqa: E402
 for dtype in (torch.float16, torch.bfloat16):

@@ -6,7 +6,7 @@ cublasLtMatmulAlgoCheck; this tool enumerates those around the heuristic's picks
 algorithm id, times as many as a budget allows (CUDA graphs, as the plan times), re-times the best
 few against the heuristic's best in alternation, and checks each finalist against float32.
 
-    [LT_BUDGET_S=30] python3 tools/lt_configs.py [MODEL:BATCH:SITE ...]     SITE: qkv fc1 proj fc2
+    [LT_BUDGET_S=30] python3 tools/lt_configs.py [MODEL:BATCH:SITE[:DTYPE] ...]   SITE: qkv fc1 proj fc2
 """
 import os
 import random
@@ -33,7 +33,8 @@ def timed(fn, calls=5, budget_s=0.06):
 
 def candidates(p, heuristic):
     """Configurations to check: one attribute of each heuristic pick changed at a time, and every
-    (tile, stages) of every other algorithm id at its default cluster."""
+    (tile, stages) of every algorithm id (tile and stages 0, "undefined", where it lists none) at
+    cluster, swizzling and custom option 0."""
     configs = {}
     for algo, _ in heuristic:
         c = dict(part_split(cublaslt.describe(algo)))
@@ -49,7 +50,7 @@ def candidates(p, heuristic):
         print(f"    id {algo_id}: {len(caps['tiles'])} tiles, {len(caps['stages'])} stage ids, swizzle {caps['swizzle']}, "
               f"custom options {caps['custom_max']}, split-K {caps['splitk']}, epilogue mask {caps['epilogues']:#x}",
               flush=True)
-        for tile in caps["tiles"]:
+        for tile in caps["tiles"] or [0]:
             for stages in caps["stages"] or [0]:
                 configs[(algo_id, tile, stages, 0, 0, 0)] = None
     return list(configs)
@@ -100,6 +101,8 @@ for spec in specs:
           f"({time.perf_counter() - t0:.1f} s)", flush=True)
 
     def runner(algo, nbytes):
+        if residual:
+            out.copy_(stream)  # each configuration adds into a fresh copy of the stream
         return lambda: cublaslt.run(p, algo, nbytes, a, w, bias, out=out)
 
     timings = {}
@@ -135,6 +138,6 @@ for spec in specs:
         err = ((got.float() - want).abs().max() / want.abs().max()).item()
         print(f"    {label:60s} {t * 1e3:8.1f} us ({flops / t / 1e9:4.0f} TFLOP/s) {t / base:6.3f}x "
               f"first {first * 1e3:7.1f}  ws {nbytes >> 10} KiB  err {err:.1e}", flush=True)
-    print("  next best first timings: " + ", ".join(f"{lab} {v[0] * 1e3:.1f}" for lab, v in ranked[FINALISTS:FINALISTS + 8]),
-          flush=True)
+    rest = [(lab, v) for lab, v in ranked if lab not in finalists][:8]
+    print("  next best first timings: " + ", ".join(f"{lab} {v[0] * 1e3:.1f}" for lab, v in rest), flush=True)
     print(flush=True)
