@@ -124,6 +124,13 @@ class _Descriptors:
         self.a, self.b, self.c = (self._layout(data, rows, cols) for rows, cols in
                                   ((p.k, p.n), (p.k, p.m), (p.n, p.m)))
 
+    def init(self, algo_id: int) -> _Algo:
+        """Algorithm `algo_id` for this problem's types, at its default configuration."""
+        algo = _Algo()
+        _check(self.lib.cublasLtMatmulAlgoInit(self.handle, _COMPUTE_32F, _CUDA_R_32F, self.data, self.data,
+                                               self.data, self.data, algo_id, ctypes.byref(algo)), "AlgoInit")
+        return algo
+
     def _layout(self, data, rows, cols):
         layout = ctypes.c_void_p()
         _check(self.lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), data, ctypes.c_uint64(rows),
@@ -167,9 +174,7 @@ def capabilities(p: Problem, algo_id: int) -> dict:
     """What one algorithm id can be configured with: tile and stage ids, CTA swizzling, custom options,
     split K, and its epilogue mask."""
     d = _descriptors(p)
-    algo = _Algo()
-    _check(d.lib.cublasLtMatmulAlgoInit(d.handle, _COMPUTE_32F, _CUDA_R_32F, d.data, d.data, d.data, d.data,
-                                        algo_id, ctypes.byref(algo)), "AlgoInit")
+    algo = d.init(algo_id)
     caps = {}
     for name, attr in (("tiles", _CAP_TILE_IDS), ("stages", _CAP_STAGES_IDS)):
         size = ctypes.c_size_t()
@@ -194,9 +199,7 @@ def configured(p: Problem, algo_id: int, tile: int, stages: int, cluster: int = 
     """(algorithm, workspace bytes) for one explicit configuration, or None where cuBLASLt's check
     refuses it for this problem (shape, epilogue, alignment, workspace over MAX_WORKSPACE_BYTES)."""
     d = _descriptors(p)
-    algo = _Algo()
-    _check(d.lib.cublasLtMatmulAlgoInit(d.handle, _COMPUTE_32F, _CUDA_R_32F, d.data, d.data, d.data, d.data,
-                                        algo_id, ctypes.byref(algo)), "AlgoInit")
+    algo = d.init(algo_id)
     for attr, value in ((1, ctypes.c_uint32(tile)), (6, ctypes.c_uint32(stages)), (8, ctypes.c_uint16(cluster)),
                         (4, ctypes.c_uint32(swizzle)), (5, ctypes.c_uint32(custom)), (2, ctypes.c_int32(1))):
         if d.lib.cublasLtMatmulAlgoConfigSetAttribute(ctypes.byref(algo), attr, ctypes.byref(value),
