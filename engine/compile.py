@@ -24,10 +24,11 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "10"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+ENGINE_VERSION = "11"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
 # 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
 # 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%;
-# 9: cuBLASLt algorithms beyond its heuristic's first; 10: Triton kernels by programmatic dependent launch
+# 9: cuBLASLt algorithms beyond its heuristic's first; 10: Triton kernels by programmatic dependent launch;
+# 11: explicit cuBLASLt configurations beside the heuristic's (cublaslt.EXTRA_CONFIGS)
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -218,6 +219,12 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     dev, dtype = target.device, model.patch_embed.weight.dtype
     rows = batch * cfg.seq_len
     blk = model.blocks[0]
+    phases, started = {}, [time.perf_counter()]
+
+    def phase(name):  # seconds since the last phase ended, kept in the report: where a cold compile goes
+        now = time.perf_counter()
+        phases[name] = round(now - started[0], 2)
+        started[0] = now
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(rows, cfg.embed_dim, device=dev, dtype=dtype, generator=gen)
     n = blk.norm1
@@ -297,14 +304,18 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
             for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
                 triton_attention[f"triton:{tile}"] = attention_with("triton", str(tile))
     triton_norms = {k: v for k, v in norms.items() if k.startswith("triton")}
+    phase("setup")
     _precompile([launch for site in (triton_fc1, triton_qkv, triton_proj, triton_fc2, triton_attention, triton_norms)
                  for launch in site.values()])
+    phase("precompile")
 
     norm, t_norm = _fastest(norms, dev, use_graph)
     norm, _, norm_tile = norm.partition(":")
+    phase("norm")
 
     mlp_act, t_act = _fastest({**fc1, **triton_fc1}, dev, use_graph)
     mlp_act, _, fc1_tile = mlp_act.partition(":")
+    phase("mlp_act")
 
     def gemm_site(cublas, others):
         name, t = _fastest({"cublas": cublas, **others}, dev, use_graph)
@@ -313,12 +324,14 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     proj_tile, t_proj = gemm_site(lambda: ops.residual_linear(x, a, blk.proj.weight, residual),
                                   {**lt_proj, **triton_proj})
     fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, blk.fc2.weight, residual), {**lt_fc2, **triton_fc2})
+    phase("qkv, proj, fc2")
     attention, t_attn = _fastest({**sdpa, **triton_attention}, dev, use_graph)
     attention, _, tile = attention.partition(":")
+    phase("attention")
     plan = ops.Plan(norm=norm, norm_tile=norm_tile, mlp_act=mlp_act, residual=residual, attention=attention,
                     attention_tile=tile, qkv_tile=qkv_tile, fc1_tile=fc1_tile, proj_tile=proj_tile, fc2_tile=fc2_tile)
     return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn, "qkv": t_qkv,
-                  "proj": t_proj, "fc2": t_fc2}
+                  "proj": t_proj, "fc2": t_fc2, "phases_s": phases}
 
 
 # --- checking the plan end to end --------------------------------------------------------------
@@ -353,7 +366,7 @@ def with_choice(plan: ops.Plan, site: str, name: str) -> ops.Plan:
 
 def estimated_forward_ms(report: dict, depth: int) -> float:
     """Each site's fastest isolated timing summed over the blocks (two LayerNorms per block)."""
-    fastest = {site: min(times.values()) for site, times in report.items() if times}
+    fastest = {site: min(times.values()) for site, times in report.items() if site in PLAN_SITES and times}
     per_block = 2 * fastest.get("norm", 0.0) + sum(fastest.get(site, 0.0) for site in PLAN_SITES if site != "norm")
     return depth * per_block
 

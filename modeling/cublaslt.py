@@ -33,9 +33,10 @@ ALGORITHMS = 8                   # the heuristic's top few the plan times (it of
 # Configurations outside the heuristic's eight, by epilogue ("residual": C = D): (algorithm id, tile,
 # stages, cluster shape, CTA swizzling, custom option) as cuBLASLt 13.1 numbers them, the best of ~100-300
 # timed alone per site at batch 256 (tools/lt_configs.py, perf-notes attempt 38); each is kept only where
-# cublasLtMatmulAlgoCheck accepts it for the shape at hand. The plan times them only with
-# PLAN_TIMES_EXTRA_CONFIGS (off until an end-to-end A/B shows the gain: tools/switch_ab.py ltextra=on).
-PLAN_TIMES_EXTRA_CONFIGS = False
+# cublasLtMatmulAlgoCheck accepts it for the shape at hand. The plan times them beside the heuristic's
+# picks (an end-to-end A/B at batch 256: ViT-L/16 3.9%, ViT-B/16 4.6% faster, perf-notes attempt 39);
+# tools/switch_ab.py ltextra=off turns them off to compare.
+PLAN_TIMES_EXTRA_CONFIGS = True
 EXTRA_CONFIGS = {
     "gelu_bias": ((66, 29, 35, 3, 0, 1), (66, 209, 35, 3, 0, 5)),
     "bias": ((66, 422, 35, 3, 0, 5), (66, 472, 35, 5, 0, 7)),
