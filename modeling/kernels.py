@@ -258,12 +258,18 @@ def tma_supported(device: torch.device, head_dim: int) -> bool:
 # rows with 4 warps almost everywhere, TMA loads at 576 tokens, long key steps at batch 1.
 _TILE_CANDIDATES = ("m64n64w4s3", "m64n64w4s3tma", "m64n32w4s3", "m64n32w4s3tma", "m64n128w4s2",
                     "m128n64w8s3tma")
+# From LIBRARY_ROWS rows only these ever won (134 measured plans, sessions 3-13; cuDNN in the
+# other 115): each tile left out is a kernel less to compile and time (perf-notes attempt 41).
+_LARGE_TILE_CANDIDATES = ("m64n64w4s3", "m64n64w4s3tma", "m128n64w8s3tma")
 
 
 def attention_tiles(batch: int, heads: int, seq: int, head_dim: int, device: torch.device,
                     sms: int = 132) -> list:
     """The tiles worth timing at this shape (engine/compile.py picks the fastest)."""
     from .ops import parse_attention_tile
+    if batch * seq >= LIBRARY_ROWS:
+        tiles = [parse_attention_tile(t) for t in _LARGE_TILE_CANDIDATES]
+        return [t for t in tiles if not t.tma or tma_supported(device, head_dim)]
     tiles = [default_attention_tile(batch, heads, seq, sms)]
     for text in _TILE_CANDIDATES:
         tile = parse_attention_tile(text)

@@ -239,6 +239,9 @@ def test_choose_plan_times_every_candidate_of_every_site():
     assert set(report["mlp_act"]) == {"separate", "epilogue"} | {f"triton:{t}" for t in unsplit}
     assert set(report["norm"]) == {"torch", "triton"} | {f"triton:{t}" for t in kernels.norm_tiles(34)}
     assert set(report["attention"]) == {"math"} and isinstance(plan, ops.Plan)
+    # where the plan's time went, phase by phase, for cold-compile reports
+    assert list(report["phases_s"]) == ["setup", "precompile", "norm", "mlp_act", "qkv, proj, fc2", "attention"]
+    assert all(s >= 0 for s in report["phases_s"].values())
     # every timed candidate names a valid plan, and the plan's own choices map back to it
     from engine.compile import PLAN_SITES, with_choice
     for site in PLAN_SITES:

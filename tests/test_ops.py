@@ -339,6 +339,19 @@ def test_attention_tiles_offer_tma_only_where_it_works():
     assert not any(t.tma for t in kernels.attention_tiles(4, 12, 196, 80, cpu))  # hd 80: no TMA box
 
 
+def test_attention_tiles_narrow_from_library_rows():
+    """From LIBRARY_ROWS rows the plan times only the tiles that ever won there: fewer kernels to
+    compile cold; below, the by-size default and every candidate."""
+    from modeling import kernels
+    cpu = torch.device("cpu")
+    big = kernels.LIBRARY_ROWS // 196 + 1
+    assert [str(t) for t in kernels.attention_tiles(big, 12, 196, 64, cpu)] == list(kernels._LARGE_TILE_CANDIDATES)
+    assert [str(t) for t in kernels.attention_tiles(big, 12, 196, 80, cpu)] == ["m64n64w4s3"]  # no TMA box
+    small = kernels.attention_tiles(big - 1, 12, 196, 64, cpu)
+    assert len(small) > len(kernels._LARGE_TILE_CANDIDATES)
+    assert {str(t) for t in small} >= set(kernels._TILE_CANDIDATES)
+
+
 def test_attention_block_m_fills_the_gpu():
     from modeling.kernels import attention_block_m
     assert attention_block_m(256, 12, 196) == 128

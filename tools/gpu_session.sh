@@ -34,7 +34,7 @@ for step in "$@"; do
           --cache-dir "$plans" --output-dir "$OUT/cold/$dt" 2>&1 | grep -E "ait ait batch|rror"
         python3 -c "import json,sys; r=[r for r in json.load(open(sys.argv[1]))['rows'] if r['batch_size']==$b][-1]; print(' compile_s', r.get('compile_s'), 'plan_s', r.get('plan_s'), 'plan', r.get('plan'))" \
           "$OUT/cold/$dt/${m}_ait_benchmark_dev_-1.json"
-        python3 -c "import json,sys,glob; [print(' end_to_end', json.load(open(f))['measured'].get('end_to_end')) for f in glob.glob(sys.argv[1] + '/*/plan.json')]" "$plans"
+        python3 -c "import json,sys,glob; [print(' end_to_end', m.get('end_to_end'), 'phases_s', m.get('phases_s')) for m in (json.load(open(f))['measured'] for f in glob.glob(sys.argv[1] + '/*/plan.json'))]" "$plans"
       done;;
   esac
 done
