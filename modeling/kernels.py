@@ -258,8 +258,9 @@ def tma_supported(device: torch.device, head_dim: int) -> bool:
 # rows with 4 warps almost everywhere, TMA loads at 576 tokens, long key steps at batch 1.
 _TILE_CANDIDATES = ("m64n64w4s3", "m64n64w4s3tma", "m64n32w4s3", "m64n32w4s3tma", "m64n128w4s2",
                     "m128n64w8s3tma")
-# From LIBRARY_ROWS rows only these ever won (134 measured plans, sessions 3-13; cuDNN in the
-# other 115): each tile left out is a kernel less to compile and time (perf-notes attempt 41).
+# From LIBRARY_ROWS rows only these ever won (134 measured plans with Triton attention there,
+# sessions 3-13; the others chose cuDNN): each tile left out is a kernel less to compile and time
+# (perf-notes attempt 41).
 _LARGE_TILE_CANDIDATES = ("m64n64w4s3", "m64n64w4s3tma", "m128n64w8s3tma")
 
 

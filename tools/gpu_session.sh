@@ -29,6 +29,7 @@ for step in "$@"; do
     cold) log "cold: one batch size compiled from an empty Triton cache and plan cache, each"
       for spec in ${COLD_SIZES:-vit_base_patch16_224:1 vit_large_patch16_384:1 vit_base_patch16_224:256 vit_large_patch16_384:256}; do
         IFS=: read -r m b dt <<< "$spec"; dt=${dt:-float16}  # MODEL:BATCH[:DTYPE]
+        echo "--- $m batch $b $dt"
         plans="$OUT/cold/plans/${m}_bs${b}_${dt}_$RANDOM"
         TRITON_CACHE_DIR=$(mktemp -d) python3 benchmark_ait.py --model-name "$m" --batch-size "$b" --dtype "$dt" \
           --cache-dir "$plans" --output-dir "$OUT/cold/$dt" 2>&1 | grep -E "ait ait batch|rror"
