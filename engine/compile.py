@@ -148,7 +148,7 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
              site_s: float = 0.6) -> tuple:
     """Time each callable (skipping those that fail here); return (name, {name: ms per call}).
     The first pass gives each at most 0.12 s and all together about `site_s` (a large-batch GEMM
-    site has nine library candidates: the compile budget). Up to four candidates within `close`
+    site has up to eleven library candidates: the compile budget). Up to four candidates within `close`
     of the best are timed again in alternation, `rounds` times, and keep the median of their
     timings: sequential timings drift with the GPU's clock
     under its power cap, one short timing each flipped choices a few percent apart between runs,
@@ -276,11 +276,9 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         n, k = weight.shape
         problem = cublaslt.Problem(rows, n, k, dtype, epilogue, residual_form)
         try:
-            found = cublaslt.algorithms(problem)
-            extra = cublaslt.extra_configs(problem) if cublaslt.PLAN_TIMES_EXTRA_CONFIGS else []
+            return cublaslt.names(problem, extra=cublaslt.PLAN_TIMES_EXTRA_CONFIGS)
         except cublaslt.CublasLtError:
             return ()
-        return [f"lt{i}" for i in range(len(found))] + ["lt" + ".".join(map(str, c)) for c in extra]
     lt_qkv = {t: (lambda t=t: ops.linear(x, w, b, t)) for t in lt(w, "bias")}
     lt_proj = {t: (lambda t=t: ops.residual_linear(x, a, blk.proj.weight, residual, t))
                for t in lt(blk.proj.weight, residual_form=True)}

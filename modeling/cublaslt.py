@@ -29,6 +29,7 @@ _CAP_SPLITK, _CAP_SWIZZLE, _CAP_TILE_IDS, _CAP_CUSTOM_MAX, _CAP_EPILOGUE_MASK, _
 _CONFIG_ATTRS = (("id", 0, ctypes.c_uint32), ("tile", 1, ctypes.c_uint32), ("splitk", 2, ctypes.c_uint32),
                  ("swizzle", 4, ctypes.c_uint32), ("custom", 5, ctypes.c_uint32), ("stages", 6, ctypes.c_uint32),
                  ("cluster", 8, ctypes.c_uint16), ("inner", 7, ctypes.c_uint16))
+_CONFIG = {name: (attr, ctype) for name, attr, ctype in _CONFIG_ATTRS}
 ALGORITHMS = 8                   # the heuristic's top few the plan times (it offered 8 at every ViT shape tried)
 # Configurations outside the heuristic's eight, by epilogue ("residual": C = D): (algorithm id, tile,
 # stages, cluster shape, CTA swizzling, custom option) as cuBLASLt 13.1 numbers them, the best of ~100-300
@@ -201,8 +202,10 @@ def configured(p: Problem, algo_id: int, tile: int, stages: int, cluster: int = 
     refuses it for this problem (shape, epilogue, alignment, workspace over MAX_WORKSPACE_BYTES)."""
     d = _descriptors(p)
     algo = d.init(algo_id)
-    for attr, value in ((1, ctypes.c_uint32(tile)), (6, ctypes.c_uint32(stages)), (8, ctypes.c_uint16(cluster)),
-                        (4, ctypes.c_uint32(swizzle)), (5, ctypes.c_uint32(custom)), (2, ctypes.c_int32(1))):
+    for name, number in (("tile", tile), ("stages", stages), ("cluster", cluster), ("swizzle", swizzle),
+                         ("custom", custom), ("splitk", 1)):
+        attr, ctype = _CONFIG[name]
+        value = ctype(number)
         if d.lib.cublasLtMatmulAlgoConfigSetAttribute(ctypes.byref(algo), attr, ctypes.byref(value),
                                                       ctypes.sizeof(value)) != 0:
             return None
@@ -225,6 +228,13 @@ def extra_configs(p: Problem) -> list:
         if found is not None and describe(found[0]) not in offered:
             keep.append(config)
     return keep
+
+
+def names(p: Problem, extra: bool = True) -> list:
+    """The plan's names (ops.lt_algorithm parses them) of the heuristic's algorithms for this problem,
+    "lt0".."lt7", then, with `extra`, of the EXTRA_CONFIGS valid here, "lt66.29.35.3.0.1"."""
+    configs = extra_configs(p) if extra else []
+    return [f"lt{i}" for i in range(len(algorithms(p)))] + ["lt" + ".".join(map(str, c)) for c in configs]
 
 
 def describe(algo: _Algo) -> str:

@@ -215,6 +215,10 @@ def test_extra_cublaslt_configurations_by_epilogue(monkeypatch):
     assert cublaslt.extra_configs(problem("bias")) == [table["bias"][0]]
     assert cublaslt.extra_configs(problem("none", residual=True)) == list(table["residual"])
     assert cublaslt.extra_configs(problem("none")) == []
+    # the plan's names for them, which ops.lt_algorithm parses back
+    names = cublaslt.names(problem("gelu_bias"))
+    assert names == ["lt0", "lt66.1.35.3.0.1"] and cublaslt.names(problem("gelu_bias"), extra=False) == ["lt0"]
+    assert ops.lt_algorithm(names[1]) == table["gelu_bias"][0]
 
 
 def test_gemm_candidates_narrow_with_the_shape():

@@ -73,9 +73,7 @@ for dtype in (torch.float16, torch.bfloat16):
             ("+=", "none", True, None)):
         problem = cublaslt.Problem(m, n, k, dtype, epilogue, residual)
         errs = []
-        names = [f"lt{i}" for i in range(len(cublaslt.algorithms(problem)))]
-        names += ["lt" + ".".join(map(str, c)) for c in cublaslt.extra_configs(problem)]  # those valid here
-        for tile in names:
+        for tile in cublaslt.names(problem):  # the extra configurations: those valid here
             stream = torch.randn(m, n, device=dev, dtype=dtype)
             if residual:
                 got = ops.residual_linear(stream.clone(), a, w, "addmm", tile).float()
