@@ -91,8 +91,9 @@ def version():
 
 
 @functools.lru_cache(maxsize=None)
-def _workspace(device: int, nbytes: int) -> torch.Tensor:
-    # kept for the process: a graph captured with this pointer replays into it
+def _workspace(device: int, nbytes: int, stream: int) -> torch.Tensor:
+    # kept for the process: a graph captured with this pointer replays into it. One per stream, as
+    # cuBLAS keeps its own: graphs captured on different streams may replay at the same time
     return torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{device}")
 
 
@@ -275,10 +276,11 @@ def run(p: Problem, algo: _Algo, nbytes: int, x: torch.Tensor, w: torch.Tensor, 
         ptr = ctypes.c_void_p(bias.data_ptr())
         _check(d.lib.cublasLtMatmulDescSetAttribute(d.desc, _DESC_BIAS_POINTER, ctypes.byref(ptr), 8), "bias")
     alpha, beta = ctypes.c_float(1.0), ctypes.c_float(1.0 if p.residual else 0.0)
-    ws = _workspace(x.device.index, nbytes).data_ptr() if nbytes else None
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    ws = _workspace(x.device.index, nbytes, stream).data_ptr() if nbytes else None
     _check(d.lib.cublasLtMatmul(d.handle, d.desc, ctypes.byref(alpha), ctypes.c_void_p(w.data_ptr()), d.a,
                                 ctypes.c_void_p(x.data_ptr()), d.b, ctypes.byref(beta),
                                 ctypes.c_void_p(out.data_ptr()), d.c, ctypes.c_void_p(out.data_ptr()), d.c,
                                 ctypes.byref(algo), ctypes.c_void_p(ws), ctypes.c_size_t(nbytes),
-                                ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)), "cublasLtMatmul")
+                                ctypes.c_void_p(stream)), "cublasLtMatmul")
     return out

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU self-checks, verification, engine sweep, baselines, profiles.
-# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks cold ltextra)
+# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks cold ab tiles)
 # cold times MODEL:BATCH[:DTYPE] specs from COLD_SIZES (default: both models at batch 1 and 256).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
@@ -22,9 +22,11 @@ for step in "$@"; do
     profile) log profile
       for m in vit_base_patch16_224 vit_large_patch16_384; do for b in 1 256; do
         python3 tools/profile_engine.py $m ait $b 2>&1 | grep -v Warn; done; done;;
-    ltextra) log "ltextra: explicit cuBLASLt configurations in the plan, off/on alternating (perf-notes attempt 38)"
-      for spec in ${LTEXTRA_SIZES:-vit_large_patch16_384:256 vit_base_patch16_224:256}; do for v in off on off on; do
-        timeout 200 python3 tools/switch_ab.py "$spec" "$OUT/ltextra/$v" ltextra=$v 2>&1 | grep -E "ltextra|rror"; done; done;;
+    ab) log "ab: tools/switch_ab.py ${AB_SWITCH:-whole} off/on alternating at ${AB_SIZES:-vit_base_patch16_224:256}, one plan cache per setting"
+      for spec in ${AB_SIZES:-vit_base_patch16_224:256}; do for v in off on off on; do
+        timeout 200 python3 tools/switch_ab.py "$spec" "$OUT/ab/${AB_SWITCH:-whole}/${spec#*:}/$v" "${AB_SWITCH:-whole}=$v" 2>&1 | grep -E "=$v|rror"; done; done;;
+    tiles) log "tiles: attention at ${TILE_SIZES:-vit_base_patch16_224:16 vit_base_patch16_224:64 vit_base_patch16_224:256}"
+      python3 tools/attention_tiles.py ${TILE_SIZES:-vit_base_patch16_224:16 vit_base_patch16_224:64 vit_base_patch16_224:256};;
     clocks) log clocks; python3 tools/graph_vs_eager.py vit_base_patch16_224 256;;
     cold) log "cold: one batch size compiled from an empty Triton cache and plan cache, each"
       for spec in ${COLD_SIZES:-vit_base_patch16_224:1 vit_large_patch16_384:1 vit_base_patch16_224:256 vit_large_patch16_384:256}; do
