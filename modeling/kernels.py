@@ -213,11 +213,8 @@ class AttentionTile:
     warps: int = 4
     stages: int = 2
     tma: bool = False
-    whole: bool = False  # one program per (image, head), whole key sequence held (<= 256 tokens)
 
     def __str__(self):
-        if self.whole:
-            return f"m{self.block_m}w{self.warps}s{self.stages}whole"
         return f"m{self.block_m}n{self.block_n}w{self.warps}s{self.stages}{'tma' if self.tma else ''}"
 
 
@@ -265,21 +262,17 @@ _TILE_CANDIDATES = ("m64n64w4s3", "m64n64w4s3tma", "m64n32w4s3", "m64n32w4s3tma"
 # sessions 3-13; the others chose cuDNN): each tile left out is a kernel less to compile and time
 # (perf-notes attempt 41).
 _LARGE_TILE_CANDIDATES = ("m64n64w4s3", "m64n64w4s3tma", "m128n64w8s3tma")
-# Sequences of at most WHOLE_MAX_SEQ tokens (ViT-B/16-224's 196) also time the kernel that holds
-# a head's whole key sequence (perf-notes attempt 42).
-_WHOLE_TILE_CANDIDATES = ("m64w4s2whole", "m64w4s1whole", "m32w4s2whole")
 
 
 def attention_tiles(batch: int, heads: int, seq: int, head_dim: int, device: torch.device,
                     sms: int = 132) -> list:
     """The tiles worth timing at this shape (engine/compile.py picks the fastest)."""
     from .ops import parse_attention_tile
-    whole = _WHOLE_TILE_CANDIDATES if seq <= WHOLE_MAX_SEQ else ()
     if batch * seq >= LIBRARY_ROWS:
-        tiles = [parse_attention_tile(t) for t in _LARGE_TILE_CANDIDATES + whole]
+        tiles = [parse_attention_tile(t) for t in _LARGE_TILE_CANDIDATES]
         return [t for t in tiles if not t.tma or tma_supported(device, head_dim)]
     tiles = [default_attention_tile(batch, heads, seq, sms)]
-    for text in _TILE_CANDIDATES + whole:
+    for text in _TILE_CANDIDATES:
         tile = parse_attention_tile(text)
         if tile.tma and not tma_supported(device, head_dim):
             continue
@@ -299,8 +292,6 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int,
     if tile is None:
         sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 132
         tile = default_attention_tile(batch, heads, seq, sms)
-    if tile.whole:
-        return _whole_attention(qkv, out, batch, heads, head_dim, seq, tile)
     block_d = max(16, triton.next_power_of_2(head_dim))
     q_desc = kv_desc = o_desc = qkv
     if tile.tma:
@@ -316,155 +307,6 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int,
         head_dim ** -0.5 * 1.4426950408889634,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, USE_TMA=tile.tma,
         num_warps=tile.warps, num_stages=tile.stages, pdl=use_pdl(qkv.device))
-    return out
-
-
-# --- short sequences: one program per (image, head), keys held across the query blocks ----------
-
-@triton.jit
-def _whole_rows(q, k0, v0, k1, v1, k2, v2, n_ok, qk_scale,
-                K1: tl.constexpr, K2: tl.constexpr, MASK: tl.constexpr):
-    # softmax over all keys at once (no online rescaling): up to three key pieces, the last masked
-    s0 = tl.dot(q, tl.trans(k0))
-    if MASK == 0:
-        s0 = tl.where(n_ok[None, :], s0, float("-inf"))
-    m = tl.max(s0, axis=1)
-    if K1 > 0:
-        s1 = tl.dot(q, tl.trans(k1))
-        if MASK == 1:
-            s1 = tl.where(n_ok[None, :], s1, float("-inf"))
-        m = tl.maximum(m, tl.max(s1, axis=1))
-    if K2 > 0:
-        s2 = tl.dot(q, tl.trans(k2))
-        if MASK == 2:
-            s2 = tl.where(n_ok[None, :], s2, float("-inf"))
-        m = tl.maximum(m, tl.max(s2, axis=1))
-    m = m * qk_scale
-    p = tl.math.exp2(s0 * qk_scale - m[:, None])
-    l_i = tl.sum(p, axis=1)
-    acc = tl.dot(p.to(v0.dtype), v0)
-    if K1 > 0:
-        p = tl.math.exp2(s1 * qk_scale - m[:, None])
-        l_i += tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v1.dtype), v1, acc)
-    if K2 > 0:
-        p = tl.math.exp2(s2 * qk_scale - m[:, None])
-        l_i += tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v2.dtype), v2, acc)
-    return acc / l_i[:, None]
-
-
-@triton.jit
-def _whole_rows_online(q, k0, v0, k1, v1, k2, v2, n_ok, qk_scale,
-                       K1: tl.constexpr, K2: tl.constexpr, MASK: tl.constexpr, ROWS: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    m_i, l_i, acc = _attention_step(q, k0, v0, m_i, l_i, acc, qk_scale, n_ok, MASK == 0)
-    if K1 > 0:
-        m_i, l_i, acc = _attention_step(q, k1, v1, m_i, l_i, acc, qk_scale, n_ok, MASK == 1)
-    if K2 > 0:
-        m_i, l_i, acc = _attention_step(q, k2, v2, m_i, l_i, acc, qk_scale, n_ok, MASK == 2)
-    return acc / l_i[:, None]
-
-
-@triton.jit
-def _whole_attention_kernel(QKV, OUT, heads, stride_qkv, stride_out, qk_scale,
-                            SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                            BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
-                            K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, PDL: tl.constexpr,
-                            ONLINE: tl.constexpr = False):
-    # One program per (image, head) for sequences of at most 256 tokens. Its keys and values are
-    # read once, as up to three power-of-2 pieces (196 tokens: 128 + 64 + 16, the last masked),
-    # and reused by every query block: 64-row blocks, then one small block for the ragged rest
-    # (196: 3 x 64 + 16). 89% of the padded work is useful at 196 tokens, against 59% for 64-row
-    # tiles over 256 keys, and K/V cross from L2 once per head instead of once per query block.
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    bh = tl.program_id(0)
-    b = bh // heads
-    h = bh % heads
-    width = heads * HEAD_DIM
-    col = h * HEAD_DIM
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    # the piece holding the last key is masked (zeros past the sequence, -inf scores)
-    MASK: tl.constexpr = 2 if K2 > 0 else (1 if K1 > 0 else 0)
-    k0 = _load_rows(QKV, QKV, b, 0, width + col, SEQ, stride_qkv, tl.arange(0, K0), offs_d, d_ok,
-                    K0, BLOCK_D, False, MASK == 0)
-    v0 = _load_rows(QKV, QKV, b, 0, 2 * width + col, SEQ, stride_qkv, tl.arange(0, K0), offs_d, d_ok,
-                    K0, BLOCK_D, False, MASK == 0)
-    n_ok = tl.arange(0, K0) < SEQ
-    k1, v1, k2, v2 = k0, v0, k0, v0  # placeholders where a piece is absent (never used)
-    if K1 > 0:
-        k1 = _load_rows(QKV, QKV, b, K0, width + col, SEQ, stride_qkv, tl.arange(0, K1), offs_d, d_ok,
-                        K1, BLOCK_D, False, MASK == 1)
-        v1 = _load_rows(QKV, QKV, b, K0, 2 * width + col, SEQ, stride_qkv, tl.arange(0, K1), offs_d, d_ok,
-                        K1, BLOCK_D, False, MASK == 1)
-        n_ok = K0 + tl.arange(0, K1) < SEQ
-    if K2 > 0:
-        k2 = _load_rows(QKV, QKV, b, K0 + K1, width + col, SEQ, stride_qkv, tl.arange(0, K2), offs_d, d_ok,
-                        K2, BLOCK_D, False, True)
-        v2 = _load_rows(QKV, QKV, b, K0 + K1, 2 * width + col, SEQ, stride_qkv, tl.arange(0, K2), offs_d, d_ok,
-                        K2, BLOCK_D, False, True)
-        n_ok = K0 + K1 + tl.arange(0, K2) < SEQ
-    offs_m = tl.arange(0, BLOCK_M)
-    for row0 in range(0, (SEQ // BLOCK_M) * BLOCK_M, BLOCK_M):
-        q = _load_rows(QKV, QKV, b, row0, col, SEQ, stride_qkv, offs_m, offs_d, d_ok,
-                       BLOCK_M, BLOCK_D, False, False)
-        if ONLINE:
-            out = _whole_rows_online(q, k0, v0, k1, v1, k2, v2, n_ok, qk_scale, K1, K2, MASK, BLOCK_M, BLOCK_D)
-        else:
-            out = _whole_rows(q, k0, v0, k1, v1, k2, v2, n_ok, qk_scale, K1, K2, MASK)
-        o_ptrs = OUT + (b * SEQ + row0 + offs_m)[:, None].to(tl.int64) * stride_out + col + offs_d[None, :]
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=d_ok[None, :])
-    if TAIL_M > 0:
-        row0 = (SEQ // BLOCK_M) * BLOCK_M
-        offs_t = tl.arange(0, TAIL_M)
-        q = _load_rows(QKV, QKV, b, row0, col, SEQ, stride_qkv, offs_t, offs_d, d_ok,
-                       TAIL_M, BLOCK_D, False, True)
-        if ONLINE:
-            out = _whole_rows_online(q, k0, v0, k1, v1, k2, v2, n_ok, qk_scale, K1, K2, MASK, TAIL_M, BLOCK_D)
-        else:
-            out = _whole_rows(q, k0, v0, k1, v1, k2, v2, n_ok, qk_scale, K1, K2, MASK)
-        rows = row0 + offs_t
-        o_ptrs = OUT + (b * SEQ + rows)[:, None].to(tl.int64) * stride_out + col + offs_d[None, :]
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(rows < SEQ)[:, None] & d_ok[None, :])
-
-
-WHOLE_MAX_SEQ = 256
-
-
-def whole_key_pieces(seq: int) -> tuple:
-    """Keys as up to three power-of-2 pieces covering seq rounded up to 16 (196 -> 128, 64, 16)."""
-    left = -(-seq // 16) * 16
-    pieces = []
-    while left > 0 and len(pieces) < 2:
-        piece = 1 << (left.bit_length() - 1)
-        pieces.append(piece)
-        left -= piece
-    if left > 0:
-        pieces.append(max(16, triton.next_power_of_2(left)))
-    return tuple(pieces + [0] * (3 - len(pieces)))
-
-
-WHOLE_ONLINE = False  # experiment switches (attempt 42)
-WHOLE_ONE_PIECE = False
-
-
-def _whole_attention(qkv, out, batch, heads, head_dim, seq, tile):
-    k0, k1, k2 = whole_key_pieces(seq)
-    if WHOLE_ONE_PIECE:
-        k0, k1, k2 = max(16, triton.next_power_of_2(seq)), 0, 0
-    rest = seq % tile.block_m
-    tail = max(16, triton.next_power_of_2(rest)) if rest else 0
-    _launch(
-        _whole_attention_kernel, (batch * heads,), qkv, out, heads, qkv.stride(0), out.stride(0),
-        head_dim ** -0.5 * 1.4426950408889634,
-        SEQ=seq, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=tile.block_m,
-        TAIL_M=tail, K0=k0, K1=k1, K2=k2, ONLINE=WHOLE_ONLINE, num_warps=tile.warps, num_stages=tile.stages, pdl=use_pdl(qkv.device))
     return out
 
 

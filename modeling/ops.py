@@ -234,13 +234,10 @@ def residual_linear(x, a, weight, impl="add", tile=""):
 @functools.lru_cache(maxsize=None)
 def parse_attention_tile(text: str):
     """"m64n64w4s3tma" -> kernels.AttentionTile; ValueError when malformed."""
-    from .kernels import AttentionTile
-    m = re.fullmatch(r"m(\d+)w(\d+)s(\d+)whole", text)
-    if m:
-        return AttentionTile(int(m[1]), 0, int(m[2]), int(m[3]), whole=True)
     m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?", text)
     if not m:
-        raise ValueError(f"plan.attention_tile={text!r}; expected like m64n64w4s2, m128n64w8s3tma or m64w4s2whole")
+        raise ValueError(f"plan.attention_tile={text!r}; expected like m64n64w4s2 or m128n64w8s3tma")
+    from .kernels import AttentionTile
     return AttentionTile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), bool(m[5]))
 
 

@@ -48,9 +48,6 @@ for name, batch in shapes:
         if (bm >= 128 and w == 4) or (bm <= 32 and w == 8) or (bn == 32 and bm >= 128):
             continue
         tiles.append(AttentionTile(bm, bn, w, s, tma))
-    if seq <= kernels.WHOLE_MAX_SEQ:  # one program per (image, head), keys held (attempt 42)
-        tiles += [AttentionTile(bm, 0, w, s, whole=True) for bm, w, s in
-                  ((16, 4, 1), (32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 4, 2), (64, 4, 3), (64, 8, 1), (64, 8, 2), (128, 8, 2))]
     for tile in dict.fromkeys(tiles):
         fn = lambda tile=tile: kernels.attention(qkv, batch, heads, hd, tile=tile)  # noqa: E731
         try:
@@ -58,18 +55,9 @@ for name, batch in shapes:
             rows.append((f"triton {tile}", timed(fn), err))
         except Exception as e:  # resource limits (shared memory) at big tiles
             print(f"  triton {tile}: {type(e).__name__} {str(e).splitlines()[0][:80]}")
-    try:  # registers, spills and shared memory of each compiled whole-sequence kernel
-        for compiled in kernels._whole_attention_kernel.device_caches[dev.index or 0][0].values():
-            c = compiled.metadata
-            print(f"  whole kernel: warps {c.num_warps} stages {c.num_stages} regs {compiled.n_regs} "
-                  f"spills {compiled.n_spills} shared {c.shared}")
-        kernels._whole_attention_kernel.device_caches[dev.index or 0][0].clear()
-    except Exception as e:
-        print("  (no kernel metadata:", type(e).__name__, e, ")")
     rows.sort(key=lambda r: r[1])
     print(f"== {name} batch {batch} (T={seq}, H={heads}, hd={hd}, {flops / 1e9:.1f} GFLOP per layer)")
     default = str(tiles[0])
-    for label, ms, err in rows[:8] + [r for r in rows[8:] if r[0] in ("cudnn", "flash", f"triton {default}")
-                                      or r[0].endswith("whole")]:
+    for label, ms, err in rows[:8] + [r for r in rows[8:] if r[0] in ("cudnn", "flash", f"triton {default}")]:
         print(f"  {label:28s} {ms * 1e3:9.1f} us  {flops / ms / 1e9:6.1f} TFLOP/s  max err {err:.1e}")
     sys.stdout.flush()

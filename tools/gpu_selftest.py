@@ -84,3 +84,9 @@ for dtype in (torch.float16, torch.bfloat16):
                 got = ops.linear_gelu(a, w, b, "gelu", "epilogue", tile).float()
             errs.append(f"{tile} {((got - want).norm() / want.norm()):.1e}")
         print(f"cublaslt {form} {dtype} ({m}x{n}x{k}): {', '.join(errs)}")
+
+# two graphs captured on different streams may replay at once (tools/two_streams.py): each stream
+# needs its own cuBLASLt workspace, or the replays race (perf-notes attempt 43)
+streams = (torch.cuda.Stream(dev), torch.cuda.Stream(dev))
+ptrs = {cublaslt._workspace(torch.cuda.current_device(), 1 << 20, s.cuda_stream).data_ptr() for s in streams}
+print(f"cublaslt workspace per stream: {'distinct' if len(ptrs) == 2 else 'SHARED (race)'}")

@@ -22,9 +22,9 @@ for step in "$@"; do
     profile) log profile
       for m in vit_base_patch16_224 vit_large_patch16_384; do for b in 1 256; do
         python3 tools/profile_engine.py $m ait $b 2>&1 | grep -v Warn; done; done;;
-    ab) log "ab: tools/switch_ab.py ${AB_SWITCH:-whole} off/on alternating at ${AB_SIZES:-vit_base_patch16_224:256}, one plan cache per setting"
+    ab) log "ab: tools/switch_ab.py ${AB_SWITCH:-ltextra} off/on alternating at ${AB_SIZES:-vit_base_patch16_224:256}, one plan cache per setting"
       for spec in ${AB_SIZES:-vit_base_patch16_224:256}; do for v in off on off on; do
-        timeout 200 python3 tools/switch_ab.py "$spec" "$OUT/ab/${AB_SWITCH:-whole}/${spec#*:}/$v" "${AB_SWITCH:-whole}=$v" 2>&1 | grep -E "=$v|rror"; done; done;;
+        timeout 200 python3 tools/switch_ab.py "$spec" "$OUT/ab/${AB_SWITCH:-ltextra}/${spec#*:}/$v" "${AB_SWITCH:-ltextra}=$v" 2>&1 | grep -E "=$v|rror"; done; done;;
     tiles) log "tiles: attention at ${TILE_SIZES:-vit_base_patch16_224:16 vit_base_patch16_224:64 vit_base_patch16_224:256}"
       python3 tools/attention_tiles.py ${TILE_SIZES:-vit_base_patch16_224:16 vit_base_patch16_224:64 vit_base_patch16_224:256};;
     clocks) log clocks; python3 tools/graph_vs_eager.py vit_base_patch16_224 256;;

@@ -7,7 +7,6 @@ logits from the same plan run eagerly without programmatic dependent launch.
 
     pdl=on|off|default   programmatic dependent launch of our Triton kernels (perf-notes attempt 37)
     ltextra=on|off       the explicit cuBLASLt configurations among the plan's candidates (attempt 38)
-    whole=on|off         the whole-sequence attention tiles among the plan's candidates (attempt 42)
 """
 import sys
 
@@ -31,13 +30,8 @@ elif key == "ltextra":
     if value not in ("on", "off"):
         raise SystemExit(f"ltextra={value!r}: on or off")
     cublaslt.PLAN_TIMES_EXTRA_CONFIGS = value == "on"
-elif key == "whole":
-    if value not in ("on", "off"):
-        raise SystemExit(f"whole={value!r}: on or off")
-    if value == "off":
-        kernels._WHOLE_TILE_CANDIDATES = ()
 else:
-    raise SystemExit(f"unknown switch {switch!r}: pdl=on|off|default, ltextra=on|off or whole=on|off")
+    raise SystemExit(f"unknown switch {switch!r}: pdl=on|off|default or ltextra=on|off")
 target = detect("cuda")
 cfg = vit_config(name, "ait")
 model = wu.seeded_engine(cfg, torch.float16, target.device)
