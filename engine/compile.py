@@ -24,11 +24,12 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "11"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+ENGINE_VERSION = "12"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
 # 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
 # 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%;
 # 9: cuBLASLt algorithms beyond its heuristic's first; 10: Triton kernels by programmatic dependent launch;
-# 11: explicit cuBLASLt configurations beside the heuristic's (cublaslt.EXTRA_CONFIGS)
+# 11: explicit cuBLASLt configurations beside the heuristic's (cublaslt.EXTRA_CONFIGS); 12: Triton patchify and
+# token assembly (plan.embed)
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -326,8 +327,11 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     attention, t_attn = _fastest({**sdpa, **triton_attention}, dev, use_graph)
     attention, _, tile = attention.partition(":")
     phase("attention")
+    # the embedding's two copies are not timed: our kernels ran at the copy floor, torch's at a third to
+    # a half of it, at every size measured (perf-notes attempt 44)
     plan = ops.Plan(norm=norm, norm_tile=norm_tile, mlp_act=mlp_act, residual=residual, attention=attention,
-                    attention_tile=tile, qkv_tile=qkv_tile, fc1_tile=fc1_tile, proj_tile=proj_tile, fc2_tile=fc2_tile)
+                    attention_tile=tile, qkv_tile=qkv_tile, fc1_tile=fc1_tile, proj_tile=proj_tile, fc2_tile=fc2_tile,
+                    embed="triton")
     return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn, "qkv": t_qkv,
                   "proj": t_proj, "fc2": t_fc2, "phases_s": phases}
 

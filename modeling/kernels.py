@@ -123,6 +123,72 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 NORM_TILE_CANDIDATES = ("r1w2", "r2w4", "r2w8", "r4w8")
 
 
+@triton.jit
+def _patchify_kernel(IMG, OUT, chans, height, width, grid_w, PH: tl.constexpr, PW: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr):
+    # One program per (image, row of patches, channel): its PH image rows are read whole (coalesced)
+    # and each PW-wide piece lands in its patch's row, at the (c, kh, kw) column of the conv weight.
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    c = pid % chans
+    row_of_patches = pid // chans  # image * grid_h + patch row
+    grid_h = height // PH
+    b = row_of_patches // grid_h
+    kh = tl.arange(0, BLOCK_H)[:, None]
+    w = tl.arange(0, BLOCK_W)[None, :]
+    ok = (kh < PH) & (w < width)
+    src = IMG + ((b * chans + c) * height + (row_of_patches % grid_h) * PH + kh).to(tl.int64) * width + w
+    x = tl.load(src, mask=ok)
+    dst_row = (row_of_patches * grid_w + w // PW).to(tl.int64)
+    tl.store(OUT + dst_row * (chans * PH * PW) + c * PH * PW + kh * PW + w % PW, x, mask=ok)
+
+
+def patchify(images: torch.Tensor, patch_size, out: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) images -> (B * patches, C * ph * pw) rows in `out` (ops.patchify's layout)."""
+    b, c, h, w = images.shape
+    ph, pw = patch_size
+    images = images.contiguous()
+    _launch(_patchify_kernel, (b * (h // ph) * c,), images, out, c, h, w, w // pw, PH=ph, PW=pw,
+            BLOCK_H=triton.next_power_of_2(ph), BLOCK_W=triton.next_power_of_2(w), num_warps=4,
+            pdl=use_pdl(images.device))
+    return out
+
+
+@triton.jit
+def _assemble_kernel(TOKENS, POS, PREFIX, X, n_rows, seq, n_prefix, dim,
+                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    # rows of the residual stream: prefix tokens as they are, patch tokens plus their position row
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    ok = (r < n_rows) & (d < dim)
+    t = r % seq
+    patch = t >= n_prefix
+    n = t - n_prefix
+    tok = tl.load(TOKENS + ((r // seq) * (seq - n_prefix) + n).to(tl.int64) * dim + d, mask=ok & patch, other=0.0)
+    pos = tl.load(POS + n * dim + d, mask=ok & patch, other=0.0)
+    pre = tl.load(PREFIX + t * dim + d, mask=ok & (t < n_prefix), other=0.0)
+    x = tl.where(patch, tok.to(tl.float32) + pos.to(tl.float32), pre.to(tl.float32))
+    tl.store(X + r.to(tl.int64) * dim + d, x.to(X.dtype.element_ty), mask=ok)
+
+
+def assemble_tokens(patch_tokens: torch.Tensor, pos_patch: torch.Tensor, prefix: torch.Tensor, batch: int,
+                    out: torch.Tensor) -> torch.Tensor:
+    """(B * T, D) stream in `out`: each image's prefix rows, then its patch tokens + position rows."""
+    n_patch, dim = pos_patch.shape
+    seq = n_patch + prefix.shape[0]
+    block_d = triton.next_power_of_2(dim)
+    rows = max(1, 4096 // block_d)
+    _launch(_assemble_kernel, (triton.cdiv(batch * seq, rows),), patch_tokens, pos_patch, prefix, out,
+            batch * seq, seq, prefix.shape[0], dim, ROWS=rows, BLOCK_D=block_d, num_warps=4,
+            pdl=use_pdl(out.device))
+    return out
+
+
 def norm_tiles(rows: int) -> tuple:
     """The LayerNorm launches worth timing besides the default: below 4096 rows only (from there
     the default is within 1-2% of the best)."""

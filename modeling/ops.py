@@ -29,6 +29,7 @@ NORM_IMPLS = ("torch", "triton")
 MLP_ACT_IMPLS = ("separate", "epilogue", "triton", "triton_erf")
 RESIDUAL_IMPLS = ("add", "addmm")
 ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn", "triton")
+EMBED_IMPLS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,12 @@ class Plan:
     fc1_tile: str = ""             # likewise for fc1 ("ltN" with mlp_act "epilogue", tiles with "triton*")
     proj_tile: str = ""            # likewise for proj and fc2, accumulating into the residual stream in place
     fc2_tile: str = ""
+    embed: str = "torch"           # patchify and the position add: torch's copies, or our Triton kernels
 
     def __post_init__(self):
         for name, allowed in (("norm", NORM_IMPLS), ("mlp_act", MLP_ACT_IMPLS),
-                              ("residual", RESIDUAL_IMPLS), ("attention", ATTENTION_BACKENDS)):
+                              ("residual", RESIDUAL_IMPLS), ("attention", ATTENTION_BACKENDS),
+                              ("embed", EMBED_IMPLS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"plan.{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
         if self.attention_tile:
@@ -73,11 +76,18 @@ class Plan:
 
 # --- patch embedding -------------------------------------------------------------------------
 
-def patchify(images: torch.Tensor, patch_size, out=None) -> torch.Tensor:
+def patchify(images: torch.Tensor, patch_size, out=None, impl="torch") -> torch.Tensor:
     """(B, C, H, W) images -> (B * patches, C * ph * pw) rows, in the conv weight's (c, kh, kw) order,
-    so the patch embedding is one GEMM instead of a convolution plus layout transposes."""
+    so the patch embedding is one GEMM instead of a convolution plus layout transposes. "triton":
+    our kernel, reading whole image rows (torch's strided copy of this permutation ran at a third of
+    the copy bandwidth; perf-notes attempt 44)."""
     b, c, h, w = images.shape
     ph, pw = patch_size
+    if impl == "triton":
+        from . import kernels
+        if out is None:
+            out = torch.empty(b * (h // ph) * (w // pw), c * ph * pw, device=images.device, dtype=images.dtype)
+        return kernels.patchify(images, patch_size, out)
     x = images.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
     if out is not None:
         out.view(b, h // ph, w // pw, c, ph, pw).copy_(x)
@@ -91,13 +101,17 @@ def patch_embed_reference(images, weight4d, bias):
 
 
 def assemble_tokens(patch_tokens: torch.Tensor, pos_patch: torch.Tensor, prefix: torch.Tensor,
-                    batch: int, out=None) -> torch.Tensor:
+                    batch: int, out=None, impl="torch") -> torch.Tensor:
     """Patch tokens + position table (patch bias folded in), behind the prefix tokens
-    (class and register tokens, their position embedding folded in): (B * T, D)."""
+    (class and register tokens, their position embedding folded in): (B * T, D). "triton": one
+    pass at the copy bandwidth (torch's broadcast add ran at half of it; perf-notes attempt 44)."""
     n_patch, dim = pos_patch.shape
     n_prefix = prefix.shape[0]
     if out is None:
         out = torch.empty(batch * (n_prefix + n_patch), dim, device=patch_tokens.device, dtype=patch_tokens.dtype)
+    if impl == "triton":
+        from . import kernels
+        return kernels.assemble_tokens(patch_tokens, pos_patch, prefix, batch, out)
     x = out.view(batch, n_prefix + n_patch, dim)
     x[:, :n_prefix] = prefix
     torch.add(patch_tokens.view(batch, n_patch, dim), pos_patch, out=x[:, n_prefix:])

@@ -149,9 +149,11 @@ class VisionTransformer(nn.Module):
     def embed(self, images: torch.Tensor, arena: ActivationArena | None = None) -> torch.Tensor:
         cfg, d = self.cfg, self.cfg.embed_dim
         patch_rows = images.shape[0] * cfg.num_patches
-        patches = ops.patchify(images, cfg.patch_size, out=_slot(arena, "wide", cfg.patch_dim, patch_rows))
+        patches = ops.patchify(images, cfg.patch_size, out=_slot(arena, "wide", cfg.patch_dim, patch_rows),
+                               impl=self.plan.embed)
         tokens = self.patch_embed(patches, self.plan, out=_slot(arena, "narrow", d, patch_rows))
-        x = ops.assemble_tokens(tokens, self.pos_patch, self.prefix, images.shape[0], out=_slot(arena, "x", d))
+        x = ops.assemble_tokens(tokens, self.pos_patch, self.prefix, images.shape[0], out=_slot(arena, "x", d),
+                                impl=self.plan.embed)
         if self.norm_pre is not None:
             x = self.norm_pre(x, self.plan, out=x if arena is not None else None)  # in place in the arena
         return x

@@ -69,6 +69,37 @@ def test_patchify_gemm_matches_convolution(patch, size, chans):
     assert torch.allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.parametrize("patch,height,width,chans", [
+    ((16, 16), 48, 48, 3),   # ViT-B/16's layout, three patches a side
+    ((14, 14), 42, 28, 3),   # patch and image widths not powers of 2, image not square
+    ((8, 4), 24, 20, 1),     # patch not square, one channel
+])
+def test_triton_patchify_equals_reference(patch, height, width, chans):
+    images = torch.randn(2, chans, height, width, generator=torch.Generator().manual_seed(height + width))
+    images = images.to(torch.float16)
+    want = ops.patchify(images, patch)
+    assert torch.equal(ops.patchify(images, patch, impl="triton"), want)
+    out = torch.full_like(want, float("nan"))  # written in place, every element
+    assert ops.patchify(images, patch, out=out, impl="triton") is out and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("n_patch,n_prefix,dim,pos_dtype", [
+    (196, 0, 192, torch.float16),   # the ait variant: no prefix
+    (49, 1, 80, torch.float32),     # a class token; width not a power of 2; float32 table
+    (16, 5, 64, torch.float16),     # class + register tokens
+])
+def test_triton_token_assembly_equals_reference(n_patch, n_prefix, dim, pos_dtype):
+    g = torch.Generator().manual_seed(n_patch + n_prefix)
+    batch = 3
+    tokens = torch.randn(batch * n_patch, dim, generator=g).to(torch.float16)
+    pos = torch.randn(n_patch, dim, generator=g).to(pos_dtype)
+    prefix = torch.randn(n_prefix, dim, generator=g).to(pos_dtype)
+    want = ops.assemble_tokens(tokens, pos, prefix, batch)
+    out = torch.full_like(want, float("nan"))
+    assert ops.assemble_tokens(tokens, pos, prefix, batch, out=out, impl="triton") is out
+    assert torch.equal(out, want)
+
+
 @pytest.mark.parametrize("batch,seq,heads,hd", [(2, 197, 3, 64), (1, 577, 2, 32), (3, 17, 4, 16)])
 def test_attention_on_fused_qkv_matches_reference(batch, seq, heads, hd):
     qkv = torch.randn(batch * seq, 3 * heads * hd, generator=torch.Generator().manual_seed(seq))
@@ -243,12 +274,13 @@ def test_gemm_candidates_narrow_with_the_shape():
 @pytest.mark.parametrize("plan", [
     ops.Plan(norm="triton", residual="addmm"),
     ops.Plan(norm="triton", residual="addmm", attention="triton", attention_tile="m16n16w4s2",
-             qkv_tile="m32n32k16w4s2x1f", fc2_tile="m32n64k32w4s2x2"),
+             qkv_tile="m32n32k16w4s2x1f", fc2_tile="m32n64k32w4s2x2", embed="triton"),
     ops.Plan(norm="triton", residual="addmm", mlp_act="triton_erf", fc1_tile="m32n64k32w4s2x2fo2",
              proj_tile="m32n32k16w4s2x1fo2", qkv_tile="m32n32k16w4s2x1f"),
 ])
 def test_whole_engine_with_triton_kernels_matches_reference_path(plan):
-    """The engine with our Triton kernels (LayerNorm; attention and GEMMs) equals the reference path."""
+    """The engine with our Triton kernels (LayerNorm; attention and GEMMs; the embedding) equals the
+    reference path."""
     import weight_utils as wu
     from modeling.config import vit_config
     cfg = vit_config("vit_micro_patch8_32", class_token=True, reg_tokens=1)
@@ -276,7 +308,7 @@ def test_activation_arena_holds_the_activations(feature):
     model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=6)[0], cfg), torch.float32, "cpu")
     model.set_plan(ops.Plan(norm="triton", residual="addmm", attention="triton", attention_tile="m16n16w4s2",
                             qkv_tile="m32n32k16w4s2x1f", mlp_act="triton_erf", fc1_tile="m32n32k16w4s2x1f",
-                            fc2_tile="m32n32k16w4s2x1f"))
+                            fc2_tile="m32n32k16w4s2x1f", embed="triton"))
     images = torch.randn(2, cfg.in_chans, *cfg.img_size)
     want = model(images)
     arena = ActivationArena(cfg, 2, torch.float32, "cpu")

@@ -7,6 +7,7 @@ logits from the same plan run eagerly without programmatic dependent launch.
 
     pdl=on|off|default   programmatic dependent launch of our Triton kernels (perf-notes attempt 37)
     ltextra=on|off       the explicit cuBLASLt configurations among the plan's candidates (attempt 38)
+    embed=on|off         our Triton patchify and token assembly (plan.embed, attempt 44)
 """
 import sys
 
@@ -30,8 +31,15 @@ elif key == "ltextra":
     if value not in ("on", "off"):
         raise SystemExit(f"ltextra={value!r}: on or off")
     cublaslt.PLAN_TIMES_EXTRA_CONFIGS = value == "on"
+elif key == "embed":
+    if value not in ("on", "off"):
+        raise SystemExit(f"embed={value!r}: on or off")
+    if value == "off":
+        from dataclasses import replace
+        choose = cp.choose_plan
+        cp.choose_plan = lambda *a, **k: (lambda plan, report: (replace(plan, embed="torch"), report))(*choose(*a, **k))
 else:
-    raise SystemExit(f"unknown switch {switch!r}: pdl=on|off|default or ltextra=on|off")
+    raise SystemExit(f"unknown switch {switch!r}: pdl=on|off|default, ltextra=on|off or embed=on|off")
 target = detect("cuda")
 cfg = vit_config(name, "ait")
 model = wu.seeded_engine(cfg, torch.float16, target.device)
