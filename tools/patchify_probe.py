@@ -36,5 +36,10 @@ for name, batch in specs:
     t_torch = timed(lambda: ops.patchify(images, cfg.patch_size, out))
     t_triton = timed(lambda: ops.patchify(images, cfg.patch_size, out, "triton"))
     t_assemble = timed(lambda: ops.assemble_tokens(tokens, pos, prefix, batch, out=x))
+    t_assemble_triton = timed(lambda: ops.assemble_tokens(tokens, pos, prefix, batch, out=x, impl="triton"))
+    same_tokens = torch.equal(ops.assemble_tokens(tokens, pos, prefix, batch, impl="triton"),
+                              ops.assemble_tokens(tokens, pos, prefix, batch))
     print(f"{name} batch {batch}: patchify torch {t_torch * 1e3:7.1f} us, triton {t_triton * 1e3:7.1f} us "
-          f"(copy floor {floor_us:6.1f} us, equal {same}); token assembly {t_assemble * 1e3:7.1f} us", flush=True)
+          f"(copy floor {floor_us:6.1f} us, equal {same}); token assembly torch {t_assemble * 1e3:7.1f} us, "
+          f"triton {t_assemble_triton * 1e3:7.1f} us (copy floor {2 * tokens.numel() * 2 / 3.0e12 * 1e6:6.1f} us, "
+          f"equal {same_tokens})", flush=True)
