@@ -303,9 +303,15 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
             for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
                 triton_attention[f"triton:{tile}"] = attention_with("triton", str(tile))
     triton_norms = {k: v for k, v in norms.items() if k.startswith("triton")}
+    # the embedding's kernels are not timed (below) but compile here, beside the others, not at capture
+    images = torch.empty(batch, cfg.in_chans, *cfg.img_size, device=dev, dtype=dtype)
+    tokens = torch.empty(batch * cfg.num_patches, cfg.embed_dim, device=dev, dtype=dtype)
+    embed = {"patchify": lambda: ops.patchify(images, cfg.patch_size, impl="triton"),
+             "assemble": lambda: ops.assemble_tokens(tokens, model.pos_patch, model.prefix, batch, out=x,
+                                                     impl="triton")}
     phase("setup")
-    _precompile([launch for site in (triton_fc1, triton_qkv, triton_proj, triton_fc2, triton_attention, triton_norms)
-                 for launch in site.values()])
+    _precompile([launch for site in (triton_fc1, triton_qkv, triton_proj, triton_fc2, triton_attention, triton_norms,
+                                     embed) for launch in site.values()])
     phase("precompile")
 
     norm, t_norm = _fastest(norms, dev, use_graph)
