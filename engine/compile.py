@@ -333,8 +333,8 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     attention, t_attn = _fastest({**sdpa, **triton_attention}, dev, use_graph)
     attention, _, tile = attention.partition(":")
     phase("attention")
-    # the embedding's two copies are not timed: our kernels ran at the copy floor, torch's at a third to
-    # a half of it, at every size measured (perf-notes attempt 44)
+    # the embedding's two copies are not timed: our kernels ran at the copy floor, torch's at 38-54% of
+    # its bandwidth, at every size measured (perf-notes attempt 44)
     plan = ops.Plan(norm=norm, norm_tile=norm_tile, mlp_act=mlp_act, residual=residual, attention=attention,
                     attention_tile=tile, qkv_tile=qkv_tile, fc1_tile=fc1_tile, proj_tile=proj_tile, fc2_tile=fc2_tile,
                     embed="triton")
