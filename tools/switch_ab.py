@@ -10,6 +10,7 @@ logits from the same plan run eagerly without programmatic dependent launch.
     embed=on|off         our Triton patchify and token assembly (plan.embed, attempt 44)
 """
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -25,21 +26,21 @@ spec, cache, switch = sys.argv[1:4]
 name, batch = spec.split(":")
 batch = int(batch)
 key, _, value = switch.partition("=")
+if key not in ("pdl", "ltextra", "embed"):
+    raise SystemExit(f"unknown switch {switch!r}: pdl=on|off|default, ltextra=on|off or embed=on|off")
+if value not in ("on", "off") + (("default",) if key == "pdl" else ()):
+    raise SystemExit(f"{switch}: on or off{' or default' if key == 'pdl' else ''}")
 if key == "pdl":
     kernels.FORCE_PDL = {"on": True, "off": False, "default": None}[value]
 elif key == "ltextra":
-    if value not in ("on", "off"):
-        raise SystemExit(f"ltextra={value!r}: on or off")
     cublaslt.PLAN_TIMES_EXTRA_CONFIGS = value == "on"
-elif key == "embed":
-    if value not in ("on", "off"):
-        raise SystemExit(f"embed={value!r}: on or off")
-    if value == "off":
-        from dataclasses import replace
-        choose = cp.choose_plan
-        cp.choose_plan = lambda *a, **k: (lambda plan, report: (replace(plan, embed="torch"), report))(*choose(*a, **k))
-else:
-    raise SystemExit(f"unknown switch {switch!r}: pdl=on|off|default, ltextra=on|off or embed=on|off")
+elif value == "off":  # embed: the measured plan, with torch's patchify and token assembly
+    choose_plan = cp.choose_plan
+
+    def torch_embed_plan(*args, **kwargs):
+        plan, report = choose_plan(*args, **kwargs)
+        return replace(plan, embed="torch"), report
+    cp.choose_plan = torch_embed_plan
 target = detect("cuda")
 cfg = vit_config(name, "ait")
 model = wu.seeded_engine(cfg, torch.float16, target.device)
