@@ -172,12 +172,13 @@ def test_plan_choice_outvotes_a_transient_slowdown():
     from engine.compile import _fastest
     start = []
 
-    def transient():  # slow for its first 0.25 s, then fast
+    # sleeps of milliseconds, not tenths of one: on a loaded CI machine a 0.4 ms sleep overran to 1.4 ms
+    def transient():  # slow for its first 0.25 s (its whole first timing), then fast
         start.append(start[0] if start else time.perf_counter())
-        time.sleep(0.0013 if time.perf_counter() - start[0] < 0.25 else 0.0004)
+        time.sleep(0.013 if time.perf_counter() - start[0] < 0.25 else 0.004)
 
     def steady():
-        time.sleep(0.0011)
+        time.sleep(0.011)
     name, times = _fastest({"transient": transient, "steady": steady}, torch.device("cpu"), use_graph=False)
     assert name == "transient", times
     start.clear()
