@@ -316,3 +316,48 @@ def test_refine_plan_keeps_the_fastest_whole_forward():
     chosen, times = refine_plan(plan, report, lambda plans: {k: additive(v) for k, v in plans.items()
                                                              if k != "mlp_act=epilogue"})
     assert chosen.qkv_tile == "" and chosen.mlp_act == plan.mlp_act and "mlp_act=epilogue" not in times
+
+
+def test_large_batch_finalists_are_chosen_by_their_sustained_time():
+    """At the power cap a kernel's short timing, taken at the clock the previous one left, can
+    rank it first while it runs slowest sustained (perf-notes attempt 45): with sustain_s the
+    finalists are chosen by their sustained times; without it by the short ones. Candidates past
+    `close` are not sustained."""
+    from unittest import mock
+
+    from engine import compile as comp
+    from engine.timing import Timing
+    short = {"hungry": 0.30, "frugal": 0.31, "far": 0.50}
+    sustained = {"hungry": 0.33, "frugal": 0.32, "far": 0.40}
+    ran = []
+
+    def fake_graphed(fn, calls=5):
+        return (fn, calls)
+
+    def fake_measure(run, device, **kwargs):
+        fn, calls = run
+        ms = short[fn.__name__] * calls
+        return Timing(ms, ms, ms, ms, 10)
+
+    def fake_sustained(run, calls, estimate_ms, seconds):
+        fn, _ = run
+        ran.append(fn.__name__)
+        return sustained[fn.__name__]
+
+    def hungry():
+        pass
+
+    def frugal():
+        pass
+
+    def far():
+        pass
+    candidates = {"hungry": hungry, "frugal": frugal, "far": far}
+    with mock.patch.object(comp, "_graphed", fake_graphed), mock.patch.object(comp, "measure", fake_measure), \
+            mock.patch.object(comp, "_sustained_ms", fake_sustained):
+        name, times = comp._fastest(candidates, torch.device("cpu"), use_graph=True, sustain_s=0.2)
+        assert name == "frugal" and sorted(ran) == ["frugal", "hungry"], (times, ran)
+        assert times["hungry"] == 0.33 and times["far"] == 0.50
+        ran.clear()
+        name, _ = comp._fastest(candidates, torch.device("cpu"), use_graph=True)
+    assert name == "hungry" and not ran

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU self-checks, verification, engine sweep, baselines, profiles.
-# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks cold ab tiles)
+# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks cold ab tiles power)
 # cold times MODEL:BATCH[:DTYPE] specs from COLD_SIZES (default: both models at batch 1 and 256).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
@@ -27,6 +27,9 @@ for step in "$@"; do
         timeout 200 python3 tools/switch_ab.py "$spec" "$OUT/ab/${AB_SWITCH:-ltextra}/${spec#*:}/$v" "${AB_SWITCH:-ltextra}=$v" 2>&1 | grep -E "=$v|rror"; done; done;;
     tiles) log "tiles: attention at ${TILE_SIZES:-vit_base_patch16_224:16 vit_base_patch16_224:64 vit_base_patch16_224:256}"
       python3 tools/attention_tiles.py ${TILE_SIZES:-vit_base_patch16_224:16 vit_base_patch16_224:64 vit_base_patch16_224:256};;
+    power) log "power: sustained power, clocks and energy (tools/power_probe.py)"
+      python3 tools/power_probe.py forward ${POWER_SIZES:-vit_base_patch16_224:256 vit_base_patch16_224:256:bfloat16}
+      python3 tools/power_probe.py sites ${POWER_SITES:-vit_base_patch16_224:256};;
     clocks) log clocks; python3 tools/graph_vs_eager.py vit_base_patch16_224 256;;
     cold) log "cold: one batch size compiled from an empty Triton cache and plan cache, each"
       for spec in ${COLD_SIZES:-vit_base_patch16_224:1 vit_large_patch16_384:1 vit_base_patch16_224:256 vit_large_patch16_384:256}; do

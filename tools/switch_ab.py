@@ -8,6 +8,7 @@ logits from the same plan run eagerly without programmatic dependent launch.
     pdl=on|off|default   programmatic dependent launch of our Triton kernels (perf-notes attempt 37)
     ltextra=on|off       the explicit cuBLASLt configurations among the plan's candidates (attempt 38)
     embed=on|off         our Triton patchify and token assembly (plan.embed, attempt 44)
+    sustain=on|off       large-batch finalists timed sustained, at the power cap (attempt 45)
 """
 import sys
 from dataclasses import replace
@@ -26,14 +27,16 @@ spec, cache, switch = sys.argv[1:4]
 name, batch = spec.split(":")
 batch = int(batch)
 key, _, value = switch.partition("=")
-if key not in ("pdl", "ltextra", "embed"):
-    raise SystemExit(f"unknown switch {switch!r}: pdl=on|off|default, ltextra=on|off or embed=on|off")
+if key not in ("pdl", "ltextra", "embed", "sustain"):
+    raise SystemExit(f"unknown switch {switch!r}: pdl=on|off|default, ltextra=on|off, embed=on|off or sustain=on|off")
 if value not in ("on", "off") + (("default",) if key == "pdl" else ()):
     raise SystemExit(f"{switch}: on or off{' or default' if key == 'pdl' else ''}")
 if key == "pdl":
     kernels.FORCE_PDL = {"on": True, "off": False, "default": None}[value]
 elif key == "ltextra":
     cublaslt.PLAN_TIMES_EXTRA_CONFIGS = value == "on"
+elif key == "sustain":
+    cp.PLAN_SUSTAINS = value == "on"
 elif value == "off":  # embed: the measured plan, with torch's patchify and token assembly
     choose_plan = cp.choose_plan
 

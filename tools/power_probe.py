@@ -1,0 +1,304 @@
+"""Power, clocks and energy under sustained load, read through NVML (ctypes on the driver's
+libnvidia-ml; no extra package). perf-notes attempt 45.
+
+Why: the notes say large batches are bound by the H100's 700 W cap, so the time of a forward is its
+energy divided by the cap, and the kernel that wins a short timing need not be the one that uses the
+least energy. This measures both, per whole forward and per candidate of each plan site.
+
+    python3 tools/power_probe.py forward MODEL:BATCH[:DTYPE] ...   engine graph and TIMM eager, sustained
+    python3 tools/power_probe.py sites MODEL:BATCH [CLOSE=0.08] [SITE,...]   each site's candidates within
+                                                     CLOSE of its best short timing, sustained alone
+    python3 tools/power_probe.py swaps MODEL:BATCH SITE=NAME ...    the measured plan and each one-site
+                                                     swap, whole forwards sustained in alternation
+    python3 tools/power_probe.py ramp                  clock, power and the energy counter from idle into
+                                                     a GEMM load, sampled every millisecond
+
+Each measurement warms the GPU up for WARM_S, then replays for HOLD_S while a thread samples power
+and the SM clock; energy comes from the board's cumulative counter (millijoules) read before and
+after. "reasons" ORs the clock-event reasons seen (0x4 software power cap, 0x20/0x40 thermal).
+"""
+import ctypes
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+import modeling  # noqa: F401
+import weight_utils as wu
+from engine import compile as cp
+from engine.target import detect
+from modeling import ops
+from modeling.config import vit_config
+
+WARM_S, HOLD_S = 1.0, 2.0
+
+
+class Nvml:
+    def __init__(self, index: int = 0):
+        self.lib = ctypes.CDLL("libnvidia-ml.so.1")
+        self._ok(self.lib.nvmlInit_v2(), "init")
+        self.handle = ctypes.c_void_p()
+        self._ok(self.lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(self.handle)), "handle")
+        reasons = getattr(self.lib, "nvmlDeviceGetCurrentClocksEventReasons", None)
+        self._reasons = reasons or self.lib.nvmlDeviceGetCurrentClocksThrottleReasons
+
+    @staticmethod
+    def _ok(status, what):
+        if status != 0:
+            raise RuntimeError(f"NVML {what} failed with status {status}")
+
+    def _read(self, fn, ctype, *args):
+        value = ctype()
+        self._ok(fn(self.handle, *args, ctypes.byref(value)), fn.__name__)
+        return value.value
+
+    def energy_j(self):
+        return self._read(self.lib.nvmlDeviceGetTotalEnergyConsumption, ctypes.c_ulonglong) / 1e3
+
+    def power_w(self):
+        return self._read(self.lib.nvmlDeviceGetPowerUsage, ctypes.c_uint) / 1e3
+
+    def sm_mhz(self):
+        return self._read(self.lib.nvmlDeviceGetClockInfo, ctypes.c_uint, 1)  # NVML_CLOCK_SM
+
+    def temp_c(self):
+        return self._read(self.lib.nvmlDeviceGetTemperature, ctypes.c_uint, 0)  # NVML_TEMPERATURE_GPU
+
+    def reasons(self):
+        return self._read(self._reasons, ctypes.c_ulonglong)
+
+    def limit_w(self):
+        return self._read(self.lib.nvmlDeviceGetEnforcedPowerLimit, ctypes.c_uint) / 1e3
+
+
+def sustain(nvml: Nvml, replay, per_replay: int, label: str) -> dict:
+    """Replay for HOLD_S after WARM_S; ms and joules per call (per_replay calls per replay)."""
+    def loop(seconds):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = 0
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(4):
+                replay()
+            n += 4
+            torch.cuda.synchronize()
+        return n, time.perf_counter() - t0
+    n_warm, s_warm = loop(WARM_S)
+    n = max(8, int(n_warm * HOLD_S / s_warm))
+    samples, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            samples.append((nvml.power_w(), nvml.sm_mhz(), nvml.reasons()))
+            time.sleep(0.02)
+    watcher = threading.Thread(target=sample)
+    torch.cuda.synchronize()
+    e0 = nvml.energy_j()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    watcher.start()
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(n):
+        replay()
+    end.record()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    stop.set()
+    watcher.join()
+    e1 = nvml.energy_j()
+    calls = n * per_replay
+    reasons = 0
+    for _, _, r in samples:
+        reasons |= r
+    row = {"label": label, "ms": start.elapsed_time(end) / calls, "j": (e1 - e0) / calls,
+           "w": (e1 - e0) / wall, "w_samples": statistics.median(p for p, _, _ in samples) if samples else 0.0,
+           "mhz": statistics.median(c for _, c, _ in samples) if samples else 0, "reasons": hex(reasons),
+           "temp": nvml.temp_c()}
+    print(f"  {label:46s} {row['ms']:9.4f} ms {row['j'] * 1e3:9.3f} mJ {row['w']:6.0f} W "
+          f"(samples {row['w_samples']:.0f}) {row['mhz']:5.0f} MHz reasons {row['reasons']} {row['temp']} C",
+          flush=True)
+    return row
+
+
+def forward(nvml, specs):
+    target = detect("cuda")
+    for spec in specs:
+        name, batch, *dt = spec.split(":")
+        batch, dtype = int(batch), getattr(torch, dt[0] if dt else "float16")
+        cfg = vit_config(name, "ait")
+        print(f"{spec}: power limit {nvml.limit_w():.0f} W", flush=True)
+        model = wu.seeded_engine(cfg, dtype, target.device)
+        with tempfile.TemporaryDirectory() as cache:
+            engine = cp.compile_engine(model, batch, target, cp.Options(), cache_root=cache, log=print)
+        row = sustain(nvml, engine.run, 1, f"engine {engine.plan}"[:46])
+        print(f"  engine: {batch / row['ms'] * 1e3:.0f} im/s, {batch / row['j']:.1f} images per joule", flush=True)
+        del engine, model
+        timm_model = wu.source_model(cfg)[0].to(target.device, dtype)
+        images = torch.randn(batch, cfg.in_chans, *cfg.img_size, device=target.device, dtype=dtype)
+        with torch.inference_mode():
+            row = sustain(nvml, lambda: timm_model(images), 1, "TIMM eager")
+        print(f"  eager: {batch / row['ms'] * 1e3:.0f} im/s, {batch / row['j']:.1f} images per joule", flush=True)
+        timm_model = None  # free it before the next spec
+        torch.cuda.empty_cache()
+
+
+def site_calls(model, batch, plan, site, names):
+    """{name: callable} for one plan site, on block 0's weights and random inputs of the real shapes."""
+    cfg, dev = model.cfg, model.patch_embed.weight.device
+    dtype = model.patch_embed.weight.dtype
+    rows, blk = batch * cfg.seq_len, model.blocks[0]
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def rand(cols):
+        return torch.randn(rows, cols, device=dev, dtype=dtype, generator=gen)
+    x, a, h, qkv = rand(cfg.embed_dim), rand(cfg.embed_dim), rand(cfg.mlp_hidden), rand(3 * cfg.embed_dim)
+    n = blk.norm1
+
+    def call(name):
+        impl, _, tile = name.partition(":")
+        if site == "qkv":
+            return lambda: ops.linear(x, blk.qkv.weight, blk.qkv.bias, "" if name == "cublas" else name)
+        if site in ("proj", "fc2"):
+            src, weight = (a, blk.proj.weight) if site == "proj" else (h, blk.fc2.weight)
+            return lambda: ops.residual_linear(x, src, weight, plan.residual, "" if name == "cublas" else name)
+        if site == "mlp_act":
+            return lambda: ops.linear_gelu(x, blk.fc1.weight, blk.fc1.bias, cfg.act, impl, tile)
+        if site == "norm":
+            return lambda: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, impl, tile=tile)
+        if site == "attention":
+            def run():
+                with ops.sdpa_backend(impl):
+                    return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, impl, tile)
+            return run
+        raise KeyError(site)
+    return {name: call(name) for name in names}
+
+
+def sites(nvml, spec, close, only=None):
+    name, batch = spec.split(":")
+    batch = int(batch)
+    target = detect("cuda")
+    model = wu.seeded_engine(vit_config(name, "ait"), torch.float16, target.device)
+    with tempfile.TemporaryDirectory() as cache:
+        engine = cp.compile_engine(model, batch, target, cp.Options(), cache_root=cache, log=print)
+    plan, report = engine.plan, engine.info["measured"]
+    print(f"{spec}: plan {plan}; power limit {nvml.limit_w():.0f} W", flush=True)
+    whole = sustain(nvml, engine.run, 1, "whole forward")
+    del engine
+    chosen = {"qkv": plan.qkv_tile or "cublas", "proj": plan.proj_tile or "cublas", "fc2": plan.fc2_tile or "cublas",
+              "mlp_act": f"{plan.mlp_act}:{plan.fc1_tile}".rstrip(":"),
+              "attention": f"{plan.attention}:{plan.attention_tile}".rstrip(":"),
+              "norm": f"{plan.norm}:{plan.norm_tile}".rstrip(":")}
+    per_block_j = {}
+    with torch.no_grad():
+        for site in only or ("mlp_act", "qkv", "fc2", "proj", "attention", "norm"):
+            times = report.get(site) or {}
+            best = min(times.values())
+            names = [k for k in sorted(times, key=times.get) if times[k] <= best * (1 + close)]
+            if chosen[site] not in names:
+                names.append(chosen[site])
+            print(f"{site}: chosen {chosen[site]}; {len(names)} candidates within {close:.0%} (short timing ms)",
+                  flush=True)
+            for label, fn in site_calls(model, batch, plan, site, names).items():
+                try:
+                    fn()
+                    per_replay = max(1, int(10.0 / max(times.get(label, 1.0), 1e-3)))  # ~10 ms per replay
+                    graph, _ = cp.capture_graph(lambda: [fn() for _ in range(per_replay)])
+                except (RuntimeError, ValueError) as err:
+                    print(f"  {label}: does not run ({str(err)[:60]})")
+                    continue
+                row = sustain(nvml, graph.replay, per_replay, f"{label} ({times.get(label, 0):.4f})")
+                if label == chosen[site]:
+                    per_block_j[site] = row["j"]
+                del graph
+    depth = model.cfg.depth
+    sum_j = depth * (sum(j for s, j in per_block_j.items() if s != "norm") + 2 * per_block_j.get("norm", 0))
+    print(f"whole forward {whole['j']:.3f} J; the chosen kernels alone, summed over {depth} blocks: {sum_j:.3f} J",
+          flush=True)
+
+
+def swaps(nvml, spec, labels, rounds=3):
+    name, batch = spec.split(":")
+    batch = int(batch)
+    target = detect("cuda")
+    model = wu.seeded_engine(vit_config(name, "ait"), torch.float16, target.device)
+    with tempfile.TemporaryDirectory() as cache:
+        engine = cp.compile_engine(model, batch, target, cp.Options(), cache_root=cache, log=print)
+    plans = {"chosen": engine.plan}
+    for label in labels:
+        site, _, choice = label.partition("=")
+        plans[label] = cp.with_choice(engine.plan, site, choice)
+    print(f"{spec}: plan {engine.plan}", flush=True)
+    del engine
+    images = torch.randn(batch, model.cfg.in_chans, *model.cfg.img_size, device=target.device, dtype=torch.float16)
+    arena = cp.ActivationArena(model.cfg, batch, torch.float16, target.device)
+    graphs = {}
+    with torch.no_grad():
+        for label, plan in plans.items():
+            model.set_plan(plan)
+            graphs[label], _ = cp.capture_graph(lambda: model(images, arena))
+    rows = {label: [] for label in graphs}
+    for r in range(rounds):
+        for label, graph in graphs.items():
+            rows[label].append(sustain(nvml, graph.replay, 1, f"round {r} {label}"))
+    base = statistics.median(row["ms"] for row in rows["chosen"])
+    for label, got in rows.items():
+        ms = statistics.median(row["ms"] for row in got)
+        j = statistics.median(row["j"] for row in got)
+        print(f"{label:46s} {ms:8.3f} ms ({ms / base:.3f} of chosen) {j:7.3f} J {batch / ms * 1e3:7.0f} im/s",
+              flush=True)
+
+
+def ramp(nvml):
+    """From idle into a sustained GEMM load: how fast the clock meets the cap, and how often the
+    energy counter moves (can short windows be measured in energy?)."""
+    x = torch.randn(50176, 768, device="cuda", dtype=torch.float16)
+    w = torch.randn(2304, 768, device="cuda", dtype=torch.float16)
+    graph, _ = cp.capture_graph(lambda: [x @ w.t() for _ in range(10)])
+    time.sleep(2.0)
+    samples, stop = [], threading.Event()
+
+    def sample():
+        t0 = time.perf_counter()
+        while not stop.is_set():
+            samples.append((time.perf_counter() - t0, nvml.energy_j(), nvml.sm_mhz(), nvml.power_w()))
+            time.sleep(0.001)
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    time.sleep(0.05)
+    for _ in range(400):  # about 1.2 s of GEMMs
+        graph.replay()
+    torch.cuda.synchronize()
+    time.sleep(0.05)
+    stop.set()
+    watcher.join()
+    changes = [i for i in range(1, len(samples)) if samples[i][1] != samples[i - 1][1]]
+    gaps = [samples[b][0] - samples[a][0] for a, b in zip(changes, changes[1:])]
+    print(f"ramp: {len(samples)} samples over {samples[-1][0]:.2f} s; the energy counter changed {len(changes)} "
+          f"times, median gap {statistics.median(gaps) * 1e3 if gaps else float('nan'):.1f} ms", flush=True)
+    last = -1.0
+    for t, e, mhz, w in samples:
+        if t - last >= 0.025:
+            print(f"  t {t * 1e3:7.1f} ms  energy {e:12.3f} J  {mhz:5d} MHz  {w:6.1f} W")
+            last = t
+
+
+def main(argv):
+    if not argv or argv[0] not in ("forward", "sites", "swaps", "ramp") or (argv[0] != "ramp" and len(argv) < 2):
+        sys.exit(__doc__)
+    nvml = Nvml(torch.cuda.current_device())
+    if argv[0] == "forward":
+        forward(nvml, argv[1:])
+    elif argv[0] == "sites":
+        sites(nvml, argv[1], float(argv[2]) if len(argv) > 2 else 0.08, argv[3].split(",") if len(argv) > 3 else None)
+    elif argv[0] == "swaps":
+        swaps(nvml, argv[1], argv[2:])
+    else:
+        ramp(nvml)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
