@@ -123,16 +123,22 @@ def sustain(nvml: Nvml, replay, per_replay: int, label: str) -> dict:
     return row
 
 
+def measured_engine(spec: str):
+    """(model, engine, batch) for MODEL:BATCH[:DTYPE], its plan measured from an empty cache."""
+    name, batch, *dt = spec.split(":")
+    target = detect("cuda")
+    model = wu.seeded_engine(vit_config(name, "ait"), getattr(torch, dt[0] if dt else "float16"), target.device)
+    with tempfile.TemporaryDirectory() as cache:
+        engine = cp.compile_engine(model, int(batch), target, cp.Options(), cache_root=cache, log=print)
+    return model, engine, int(batch)
+
+
 def forward(nvml, specs):
     target = detect("cuda")
     for spec in specs:
-        name, batch, *dt = spec.split(":")
-        batch, dtype = int(batch), getattr(torch, dt[0] if dt else "float16")
-        cfg = vit_config(name, "ait")
         print(f"{spec}: power limit {nvml.limit_w():.0f} W", flush=True)
-        model = wu.seeded_engine(cfg, dtype, target.device)
-        with tempfile.TemporaryDirectory() as cache:
-            engine = cp.compile_engine(model, batch, target, cp.Options(), cache_root=cache, log=print)
+        model, engine, batch = measured_engine(spec)
+        cfg, dtype = model.cfg, model.patch_embed.weight.dtype
         row = sustain(nvml, engine.run, 1, f"engine {engine.plan}"[:46])
         print(f"  engine: {batch / row['ms'] * 1e3:.0f} im/s, {batch / row['j']:.1f} images per joule", flush=True)
         del engine, model
@@ -178,12 +184,7 @@ def site_calls(model, batch, plan, site, names):
 
 
 def sites(nvml, spec, close, only=None):
-    name, batch = spec.split(":")
-    batch = int(batch)
-    target = detect("cuda")
-    model = wu.seeded_engine(vit_config(name, "ait"), torch.float16, target.device)
-    with tempfile.TemporaryDirectory() as cache:
-        engine = cp.compile_engine(model, batch, target, cp.Options(), cache_root=cache, log=print)
+    model, engine, batch = measured_engine(spec)
     plan, report = engine.plan, engine.info["measured"]
     print(f"{spec}: plan {plan}; power limit {nvml.limit_w():.0f} W", flush=True)
     whole = sustain(nvml, engine.run, 1, "whole forward")
@@ -221,12 +222,8 @@ def sites(nvml, spec, close, only=None):
 
 
 def swaps(nvml, spec, labels, rounds=3):
-    name, batch = spec.split(":")
-    batch = int(batch)
-    target = detect("cuda")
-    model = wu.seeded_engine(vit_config(name, "ait"), torch.float16, target.device)
-    with tempfile.TemporaryDirectory() as cache:
-        engine = cp.compile_engine(model, batch, target, cp.Options(), cache_root=cache, log=print)
+    model, engine, batch = measured_engine(spec)
+    target = engine.target
     plans = {"chosen": engine.plan}
     for label in labels:
         site, _, choice = label.partition("=")
