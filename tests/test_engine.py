@@ -320,15 +320,16 @@ def test_refine_plan_keeps_the_fastest_whole_forward():
 
 def test_large_batch_finalists_are_chosen_by_their_sustained_time():
     """At the power cap a kernel's short timing, taken at the clock the previous one left, can
-    rank it first while it runs slowest sustained (perf-notes attempt 45): with sustain_s the
-    finalists are chosen by their sustained times; without it by the short ones. Candidates past
-    `close` are not sustained."""
+    rank it first while it runs slowest sustained (perf-notes attempt 45): with sustain_s the first
+    three finalists are timed sustained and the winner is the fastest of them there, not a
+    candidate whose short time is lower than every sustained one; one that fails to run sustained
+    is skipped. Without sustain_s the short timings decide."""
     from unittest import mock
 
     from engine import compile as comp
     from engine.timing import Timing
-    short = {"hungry": 0.30, "frugal": 0.31, "far": 0.50}
-    sustained = {"hungry": 0.33, "frugal": 0.32, "far": 0.40}
+    short = {"hungry": 0.300, "frugal": 0.310, "broken": 0.311, "fourth": 0.312, "far": 0.500}
+    sustained = {"hungry": 0.33, "frugal": 0.32, "fourth": 0.31}
     ran = []
 
     def fake_graphed(fn, calls=5):
@@ -342,22 +343,22 @@ def test_large_batch_finalists_are_chosen_by_their_sustained_time():
     def fake_sustained(run, calls, estimate_ms, seconds):
         fn, _ = run
         ran.append(fn.__name__)
+        if fn.__name__ == "broken":
+            raise RuntimeError("does not run here")
         return sustained[fn.__name__]
 
-    def hungry():
-        pass
-
-    def frugal():
-        pass
-
-    def far():
-        pass
-    candidates = {"hungry": hungry, "frugal": frugal, "far": far}
+    def named(name):
+        def fn():
+            pass
+        fn.__name__ = name
+        return fn
+    candidates = {name: named(name) for name in short}
     with mock.patch.object(comp, "_graphed", fake_graphed), mock.patch.object(comp, "measure", fake_measure), \
             mock.patch.object(comp, "_sustained_ms", fake_sustained):
         name, times = comp._fastest(candidates, torch.device("cpu"), use_graph=True, sustain_s=0.2)
-        assert name == "frugal" and sorted(ran) == ["frugal", "hungry"], (times, ran)
-        assert times["hungry"] == 0.33 and times["far"] == 0.50
+        # "fourth" (0.31 sustained) is the fourth finalist: not sustained, its short time not a winner
+        assert name == "frugal" and sorted(ran) == ["broken", "frugal", "hungry"], (times, ran)
+        assert times["hungry"] == 0.33 and times["fourth"] == 0.312 and times["far"] == 0.50
         ran.clear()
         name, _ = comp._fastest(candidates, torch.device("cpu"), use_graph=True)
     assert name == "hungry" and not ran

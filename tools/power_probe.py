@@ -11,7 +11,7 @@ least energy. This measures both, per whole forward and per candidate of each pl
     python3 tools/power_probe.py swaps MODEL:BATCH SITE=NAME ...    the measured plan and each one-site
                                                      swap, whole forwards sustained in alternation
     python3 tools/power_probe.py ramp                  clock, power and the energy counter from idle into
-                                                     a GEMM load, sampled every millisecond
+                                                     a GEMM load, sampled every few milliseconds
 
 Each measurement warms the GPU up for WARM_S, then replays for HOLD_S while a thread samples power
 and the SM clock; energy comes from the board's cumulative counter (millijoules) read before and
@@ -37,11 +37,17 @@ WARM_S, HOLD_S = 1.0, 2.0
 
 
 class Nvml:
-    def __init__(self, index: int = 0):
+    def __init__(self, device: int = 0):
         self.lib = ctypes.CDLL("libnvidia-ml.so.1")
         self._ok(self.lib.nvmlInit_v2(), "init")
         self.handle = ctypes.c_void_p()
-        self._ok(self.lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(self.handle)), "handle")
+        props = torch.cuda.get_device_properties(device)
+        status = -1
+        if hasattr(props, "pci_bus_id"):  # NVML numbers GPUs its own way (CUDA_VISIBLE_DEVICES, ordering)
+            bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0".encode()
+            status = self.lib.nvmlDeviceGetHandleByPciBusId_v2(bus, ctypes.byref(self.handle))
+        if status != 0:  # no PCI id from torch, or NVML did not take it: same numbering assumed
+            self._ok(self.lib.nvmlDeviceGetHandleByIndex_v2(device, ctypes.byref(self.handle)), "handle")
         reasons = getattr(self.lib, "nvmlDeviceGetCurrentClocksEventReasons", None)
         self._reasons = reasons or self.lib.nvmlDeviceGetCurrentClocksThrottleReasons
 
@@ -106,9 +112,9 @@ def sustain(nvml: Nvml, replay, per_replay: int, label: str) -> dict:
     end.record()
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    e1 = nvml.energy_j()  # (the counter moves every ~100 ms: about +-5% on a 2-s hold)
     stop.set()
     watcher.join()
-    e1 = nvml.energy_j()
     calls = n * per_replay
     reasons = 0
     for _, _, r in samples:
@@ -197,11 +203,14 @@ def sites(nvml, spec, close, only=None):
     with torch.no_grad():
         for site in only or ("mlp_act", "qkv", "fc2", "proj", "attention", "norm"):
             times = report.get(site) or {}
+            if not times:
+                continue
             best = min(times.values())
             names = [k for k in sorted(times, key=times.get) if times[k] <= best * (1 + close)]
             if chosen[site] not in names:
                 names.append(chosen[site])
-            print(f"{site}: chosen {chosen[site]}; {len(names)} candidates within {close:.0%} (short timing ms)",
+            print(f"{site}: chosen {chosen[site]}; {len(names)} candidates within {close:.0%} (the plan's ms: "
+                  "sustained for its finalists from engine 13, short for the others)",
                   flush=True)
             for label, fn in site_calls(model, batch, plan, site, names).items():
                 try:
@@ -228,6 +237,8 @@ def swaps(nvml, spec, labels, rounds=3):
     for label in labels:
         site, _, choice = label.partition("=")
         plans[label] = cp.with_choice(engine.plan, site, choice)
+        if plans[label] == engine.plan:
+            print(f"note: {label} is the measured plan's own choice", flush=True)
     print(f"{spec}: plan {engine.plan}", flush=True)
     del engine
     images = torch.randn(batch, model.cfg.in_chans, *model.cfg.img_size, device=target.device, dtype=torch.float16)
