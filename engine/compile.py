@@ -377,7 +377,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
                     attention_tile=tile, qkv_tile=qkv_tile, fc1_tile=fc1_tile, proj_tile=proj_tile, fc2_tile=fc2_tile,
                     embed="triton")
     return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn, "qkv": t_qkv,
-                  "proj": t_proj, "fc2": t_fc2, "phases_s": phases}
+                  "proj": t_proj, "fc2": t_fc2, "phases_s": phases, "sustained_s": sustain}
 
 
 # --- checking the plan end to end --------------------------------------------------------------
@@ -580,10 +580,9 @@ def compile_engine(model, batch: int, target: Target, options: Options, cache_ro
                 log(f"note: {directory}: {why}; rebuilding")
             t_plan = time.perf_counter()
             plan, report = choose_plan(model.set_plan(ops.Plan()), batch, target, options, use_graph)
-            # (not from LIBRARY_ROWS: there the sites' finalists were timed sustained, and the report
-            # mixes those with short timings that a short end-to-end check would second-guess)
-            from modeling import kernels
-            refine = batch * cfg.seq_len < kernels.LIBRARY_ROWS
+            # not where the sites' finalists were timed sustained: the report mixes those with short
+            # timings, and a short end-to-end check would second-guess them
+            refine = not report.get("sustained_s")
             if use_graph and refine and estimated_forward_ms(report, cfg.depth) <= REFINE_MAX_MS:
                 plan, report["end_to_end"] = refine_plan(plan, report, graph_timer(model, batch, target))
             info["plan_s"] = round(time.perf_counter() - t_plan, 2)
