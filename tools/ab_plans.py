@@ -5,7 +5,8 @@ longer rounds), so machine and clock differences between the runs that chose the
     python3 tools/ab_plans.py MODEL:BATCH FILE [FILE ...]
 
 A FILE is a results JSON (its row for BATCH gives the plan), a plan cache file (plan.json), or
-`compile`: the plan this process chooses now, from an empty plan cache.
+`compile`: the plan this process chooses now, from an empty plan cache; `attn:TILE`: the plan
+before it with its attention swapped for our Triton kernel at TILE (e.g. attn:h64w4s2p1).
 The all-cuBLAS plan (Triton LayerNorm, GELU in cuBLASLt's epilogue, in-place addmm, cuDNN
 attention) runs beside them as the control.
 """
@@ -41,8 +42,14 @@ target = detect("cuda")
 cfg = vit_config(name, "ait")
 model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=0)[0], cfg), torch.float16, target.device)
 plans = {"cublas": ops.Plan(norm="triton", mlp_act="epilogue", residual="addmm", attention="cudnn")}
+plan = None
 for path in files:
-    if path == "compile":
+    if path.startswith("attn:"):
+        from dataclasses import replace
+        if plan is None:
+            sys.exit("error: attn:TILE needs a plan before it (a FILE or compile)")
+        plan = replace(plan, attention="triton", attention_tile=path[5:])
+    elif path == "compile":
         engine = compile_engine(model, batch, target, Options(), cache_root=tempfile.mkdtemp(), log=print)
         plan = engine.plan
         print(f"{spec} compile: isolated timings (ms) " + json.dumps(
