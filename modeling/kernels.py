@@ -273,24 +273,14 @@ def _attention_kernel(QKV, OUT, q_desc, kv_desc, o_desc, seq, heads, stride_qkv,
 @dataclass(frozen=True)
 class AttentionTile:
     """How the Triton attention kernel is launched: query rows and key rows per step, warps,
-    pipeline stages, and whether tiles move by TMA (Hopper and later, power-of-2 head dims).
-    A whole-head tile (`per_sm` >= 0, text like h64w4s2p1) runs _head_attention_kernel instead:
-    block_m query rows per step, a head's whole key sequence held; per_sm programs per SM loop
-    over the heads (0: one program per head)."""
+    pipeline stages, and whether tiles move by TMA (Hopper and later, power-of-2 head dims)."""
     block_m: int
     block_n: int = 64
     warps: int = 4
     stages: int = 2
     tma: bool = False
-    per_sm: int = -1
-
-    @property
-    def whole_head(self) -> bool:
-        return self.per_sm >= 0
 
     def __str__(self):
-        if self.whole_head:
-            return f"h{self.block_m}w{self.warps}s{self.stages}p{self.per_sm}"
         return f"m{self.block_m}n{self.block_n}w{self.warps}s{self.stages}{'tma' if self.tma else ''}"
 
 
@@ -368,8 +358,6 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int,
     if tile is None:
         sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 132
         tile = default_attention_tile(batch, heads, seq, sms)
-    if tile.whole_head:
-        return _head_attention(qkv, out, batch, heads, head_dim, tile)
     block_d = max(16, triton.next_power_of_2(head_dim))
     q_desc = kv_desc = o_desc = qkv
     if tile.tma:
@@ -385,142 +373,6 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int,
         head_dim ** -0.5 * 1.4426950408889634,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, USE_TMA=tile.tma,
         num_warps=tile.warps, num_stages=tile.stages, pdl=use_pdl(qkv.device))
-    return out
-
-
-# --- short sequences: a head's whole key sequence at once ----------------------------------------
-
-@triton.jit
-def _head_rows(q, k0, v0, k1, v1, k2, v2, qk_scale,
-               SEQ: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
-    # softmax(q k^T) v over all of a head's keys at once (no online rescaling), the keys in up to
-    # three power-of-2 pieces; scores past SEQ (zero-filled keys) are masked in the last piece
-    LAST: tl.constexpr = 2 if K2 > 0 else (1 if K1 > 0 else 0)
-    MASKED: tl.constexpr = K0 + K1 + K2 > SEQ
-    s0 = tl.dot(q, tl.trans(k0))
-    if MASKED and LAST == 0:
-        s0 = tl.where((tl.arange(0, K0) < SEQ)[None, :], s0, float("-inf"))
-    m = tl.max(s0, axis=1)
-    if K1 > 0:
-        s1 = tl.dot(q, tl.trans(k1))
-        if MASKED and LAST == 1:
-            s1 = tl.where((K0 + tl.arange(0, K1) < SEQ)[None, :], s1, float("-inf"))
-        m = tl.maximum(m, tl.max(s1, axis=1))
-    if K2 > 0:
-        s2 = tl.dot(q, tl.trans(k2))
-        if MASKED:
-            s2 = tl.where((K0 + K1 + tl.arange(0, K2) < SEQ)[None, :], s2, float("-inf"))
-        m = tl.maximum(m, tl.max(s2, axis=1))
-    m = m * qk_scale
-    p = tl.math.exp2(s0 * qk_scale - m[:, None])
-    l_i = tl.sum(p, axis=1)
-    acc = tl.dot(p.to(v0.dtype), v0)
-    if K1 > 0:
-        p = tl.math.exp2(s1 * qk_scale - m[:, None])
-        l_i += tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v1.dtype), v1, acc)
-    if K2 > 0:
-        p = tl.math.exp2(s2 * qk_scale - m[:, None])
-        l_i += tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v2.dtype), v2, acc)
-    return (acc / l_i[:, None]).to(v0.dtype)
-
-
-@triton.jit
-def _head_block(q_desc, o_desc, b, row0, col, k0, v0, k1, v1, k2, v2, qk_scale,
-                ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, SEQ: tl.constexpr,
-                K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
-    q = q_desc.load([b, row0, col]).reshape(ROWS, HEAD_DIM)
-    out = _head_rows(q, k0, v0, k1, v1, k2, v2, qk_scale, SEQ, K0, K1, K2)
-    o_desc.store([b, row0, col], out.reshape(1, ROWS, HEAD_DIM))  # rows past SEQ are clipped
-
-
-@triton.jit
-def _head_attention_kernel(k0_desc, k1_desc, k2_desc, qm_desc, qt1_desc, qt2_desc, om_desc, ot1_desc, ot2_desc,
-                           n_heads_total, heads, qk_scale,
-                           SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                           K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-                           QT1: tl.constexpr, QT2: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
-    # For sequences of at most 256 tokens (ViT-B/16-224's 196). Each step takes one (image,
-    # head): its keys and values cross from memory once, by TMA, as up to three power-of-2
-    # pieces (196: 128 + 64 + 16, zero-filled past the sequence), and every query block of the
-    # head (196: 3 x 64 + 16) runs against them with one softmax over all keys. A program loops
-    # over heads, so with STAGES > 1 the next head's tiles load while this one computes.
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    width = heads * HEAD_DIM
-    for unit in tl.range(tl.program_id(0), n_heads_total, tl.num_programs(0), num_stages=STAGES):
-        b = unit // heads
-        col = (unit % heads) * HEAD_DIM
-        k0 = k0_desc.load([b, 0, width + col]).reshape(K0, HEAD_DIM)
-        v0 = k0_desc.load([b, 0, 2 * width + col]).reshape(K0, HEAD_DIM)
-        k1, v1, k2, v2 = k0, v0, k0, v0  # placeholders where a piece is absent (never used)
-        if K1 > 0:
-            k1 = k1_desc.load([b, K0, width + col]).reshape(K1, HEAD_DIM)
-            v1 = k1_desc.load([b, K0, 2 * width + col]).reshape(K1, HEAD_DIM)
-        if K2 > 0:
-            k2 = k2_desc.load([b, K0 + K1, width + col]).reshape(K2, HEAD_DIM)
-            v2 = k2_desc.load([b, K0 + K1, 2 * width + col]).reshape(K2, HEAD_DIM)
-        for i in tl.static_range(SEQ // BLOCK_M):
-            _head_block(qm_desc, om_desc, b, i * BLOCK_M, col, k0, v0, k1, v1, k2, v2, qk_scale,
-                        BLOCK_M, HEAD_DIM, SEQ, K0, K1, K2)
-        if QT1 > 0:
-            _head_block(qt1_desc, ot1_desc, b, (SEQ // BLOCK_M) * BLOCK_M, col, k0, v0, k1, v1, k2, v2,
-                        qk_scale, QT1, HEAD_DIM, SEQ, K0, K1, K2)
-        if QT2 > 0:
-            _head_block(qt2_desc, ot2_desc, b, (SEQ // BLOCK_M) * BLOCK_M + QT1, col, k0, v0, k1, v1, k2, v2,
-                        qk_scale, QT2, HEAD_DIM, SEQ, K0, K1, K2)
-
-
-HEAD_MAX_SEQ = 256  # a whole key sequence in at most three TMA boxes of <= 256 rows
-
-
-def pow2_pieces(n: int, most: int) -> tuple:
-    """n rows as at most `most` power-of-2 pieces of >= 16 rows, largest first, the last one
-    rounded up (196, 3 -> 128, 64, 16); zeros for absent pieces."""
-    pieces, left = [], n
-    while left > 0:
-        if len(pieces) == most - 1 or left <= 16:
-            pieces.append(max(16, triton.next_power_of_2(left)))
-            break
-        pieces.append(1 << (left.bit_length() - 1))
-        left -= pieces[-1]
-    return tuple(pieces + [0] * (most - len(pieces)))
-
-
-def head_attention_supported(seq: int, head_dim: int, device: torch.device) -> bool:
-    return seq <= HEAD_MAX_SEQ and tma_supported(device, head_dim)
-
-
-def _head_attention(qkv, out, batch, heads, head_dim, tile):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    seq = qkv.shape[0] // batch
-    assert head_attention_supported(seq, head_dim, qkv.device) and qkv.stride(1) == 1, \
-        "whole-head attention wants <= 256 tokens, contiguous rows, a power-of-2 head dim, TMA"
-    k0, k1, k2 = pow2_pieces(seq, 3)
-    qt1, qt2 = pow2_pieces(seq % tile.block_m, 2)
-    view = qkv.as_strided((batch, seq, qkv.shape[1]), (seq * qkv.stride(0), qkv.stride(0), 1))
-    o_view = out.view(batch, seq, -1)
-    descs = {}
-
-    def desc(t, rows):  # one descriptor per (tensor, box rows); absent pieces get any valid one
-        rows = rows or tile.block_m
-        if (id(t), rows) not in descs:
-            descs[id(t), rows] = TensorDescriptor.from_tensor(t, [1, rows, head_dim])
-        return descs[id(t), rows]
-
-    units = batch * heads
-    programs = units
-    if tile.per_sm > 0:
-        sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 4
-        programs = min(units, tile.per_sm * sms)
-    _launch(_head_attention_kernel, (programs,),
-            desc(view, k0), desc(view, k1), desc(view, k2), desc(view, tile.block_m), desc(view, qt1), desc(view, qt2),
-            desc(o_view, tile.block_m), desc(o_view, qt1), desc(o_view, qt2), units, heads,
-            head_dim ** -0.5 * 1.4426950408889634,
-            SEQ=seq, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, K0=k0, K1=k1, K2=k2, QT1=qt1, QT2=qt2,
-            STAGES=tile.stages, num_warps=tile.warps, pdl=use_pdl(qkv.device))
     return out
 
 

@@ -247,16 +247,12 @@ def residual_linear(x, a, weight, impl="add", tile=""):
 
 @functools.lru_cache(maxsize=None)
 def parse_attention_tile(text: str):
-    """"m64n64w4s3tma" (or the whole-head kernel's "h64w4s2p1") -> kernels.AttentionTile;
-    ValueError when malformed."""
-    from .kernels import AttentionTile
+    """"m64n64w4s3tma" -> kernels.AttentionTile; ValueError when malformed."""
     m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?", text)
-    if m:
-        return AttentionTile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), bool(m[5]))
-    m = re.fullmatch(r"h(16|32|64|128)w(\d+)s(\d+)p(\d+)", text)
-    if m:
-        return AttentionTile(int(m[1]), 0, int(m[2]), int(m[3]), True, int(m[4]))
-    raise ValueError(f"plan.attention_tile={text!r}; expected like m64n64w4s2, m128n64w8s3tma or h64w4s2p1")
+    if not m:
+        raise ValueError(f"plan.attention_tile={text!r}; expected like m64n64w4s2 or m128n64w8s3tma")
+    from .kernels import AttentionTile
+    return AttentionTile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), bool(m[5]))
 
 
 def split_qkv(qkv: torch.Tensor, batch: int, heads: int, head_dim: int):

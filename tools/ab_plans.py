@@ -6,7 +6,7 @@ longer rounds), so machine and clock differences between the runs that chose the
 
 A FILE is a results JSON (its row for BATCH gives the plan), a plan cache file (plan.json), or
 `compile`: the plan this process chooses now, from an empty plan cache; `attn:TILE`: the plan
-before it with its attention swapped for our Triton kernel at TILE (e.g. attn:h64w4s2p1).
+before it with its attention swapped for our Triton kernel at TILE (e.g. attn:m64n64w4s3tma).
 The all-cuBLAS plan (Triton LayerNorm, GELU in cuBLASLt's epilogue, in-place addmm, cuDNN
 attention) runs beside them as the control.
 """

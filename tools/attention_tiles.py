@@ -2,10 +2,7 @@
 over a grid of tiles (query rows, key rows, warps, stages, TMA or pointer loads), each timed in
 CUDA graphs as the plan does and checked against the float32 reference.
 
-    python3 tools/attention_tiles.py [--whole] [MODEL:BATCH ...]   (default: both models, batch 1..256)
-
-Sequences of at most 256 tokens also time the whole-head kernel (h...p... tiles) over its grid;
---whole times only those, the SDPA backends and the plan's large-batch candidates.
+    python3 tools/attention_tiles.py [MODEL:BATCH ...]   (default: both models, batch 1..256)
 """
 import itertools
 import sys
@@ -20,8 +17,7 @@ from modeling.kernels import AttentionTile
 
 dev = torch.device("cuda")
 sms = torch.cuda.get_device_properties(dev).multi_processor_count
-whole_only = "--whole" in sys.argv
-shapes = [a.split(":") for a in sys.argv[1:] if a != "--whole"] or (
+shapes = [a.split(":") for a in sys.argv[1:]] or (
     [("vit_base_patch16_224", b) for b in (1, 8, 16, 64, 256)]
     + [("vit_large_patch16_384", b) for b in (1, 4, 16, 64, 256)])
 
@@ -48,17 +44,10 @@ for name, batch in shapes:
             print(f"  {backend}: {str(err).splitlines()[0][:80]}")
     block_ms = (16, 32, 64) if batch * heads * -(-seq // 64) < 2 * sms else (64, 128)
     tiles = [kernels.default_attention_tile(batch, heads, seq, sms)]
-    if whole_only:
-        tiles += [ops.parse_attention_tile(t) for t in kernels._LARGE_TILE_CANDIDATES]
     for bm, bn, w, s, tma in itertools.product(block_ms, (32, 64, 128), (4, 8), (2, 3), (False, True)):
-        if (bm >= 128 and w == 4) or (bm <= 32 and w == 8) or (bn == 32 and bm >= 128) or whole_only:
+        if (bm >= 128 and w == 4) or (bm <= 32 and w == 8) or (bn == 32 and bm >= 128):
             continue
         tiles.append(AttentionTile(bm, bn, w, s, tma))
-    if kernels.head_attention_supported(seq, hd, dev):
-        for bm, w, s, p in itertools.product((64, 128), (4, 8), (1, 2, 3), (0, 1, 2)):
-            if (bm == 128 and w == 4) or (p == 0 and s > 1):
-                continue
-            tiles.append(ops.parse_attention_tile(f"h{bm}w{w}s{s}p{p}"))
     for tile in dict.fromkeys(tiles):
         fn = lambda tile=tile: kernels.attention(qkv, batch, heads, hd, tile=tile)  # noqa: E731
         try:
@@ -69,6 +58,6 @@ for name, batch in shapes:
     rows.sort(key=lambda r: r[1])
     print(f"== {name} batch {batch} (T={seq}, H={heads}, hd={hd}, {flops / 1e9:.1f} GFLOP per layer)")
     default = str(tiles[0])
-    for label, ms, err in rows[:12] + [r for r in rows[12:] if r[0] in ("cudnn", "flash", f"triton {default}")]:
+    for label, ms, err in rows[:8] + [r for r in rows[8:] if r[0] in ("cudnn", "flash", f"triton {default}")]:
         print(f"  {label:28s} {ms * 1e3:9.1f} us  {flops / ms / 1e9:6.1f} TFLOP/s  max err {err:.1e}")
     sys.stdout.flush()
