@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from modeling import kernels, ops
+from modeling import ops
 from modeling.config import vit_config
 
 name, batch = (sys.argv[1] if len(sys.argv) > 1 else "vit_base_patch16_224:256").split(":")

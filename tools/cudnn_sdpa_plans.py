@@ -103,7 +103,7 @@ for name, batch in shapes:
             label = f"engine {engine} " + ",".join(f"{t.name}={val}" for t, val in combo)
             try:
                 ge, pack_e = build(q, k, v, o, hd ** -0.5, engine, dict(combo))
-            except Exception as e:  # noqa: BLE001 - unsupported at this shape
+            except Exception:  # noqa: BLE001 - unsupported at this shape
                 continue
             add_plans(ge, pack_e, label)
     rows.sort(key=lambda r: r[1])
