@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from modeling import cublaslt, ops
+from modeling import cublaslt, cuda_attention, ops
 from modeling.config import ViTConfig
 from modeling.vision_transformer import ActivationArena
 
@@ -24,12 +24,13 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "13"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+ENGINE_VERSION = "14"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
 # 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
 # 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%;
 # 9: cuBLASLt algorithms beyond its heuristic's first; 10: Triton kernels by programmatic dependent launch;
 # 11: explicit cuBLASLt configurations beside the heuristic's (cublaslt.EXTRA_CONFIGS); 12: Triton patchify and
-# token assembly (plan.embed); 13: large-batch finalists timed sustained, at the power cap
+# token assembly (plan.embed); 13: large-batch finalists timed sustained, at the power cap; 14: the CUDA C++
+# attention kernel for <= 256 tokens (cuda_attention) among the candidates
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -340,6 +341,8 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
                 triton_attention[f"triton:{tile}"] = attention_with("triton", str(tile))
+    if cuda_attention.PLAN_OFFERS and cuda_attention.supported(cfg.seq_len, cfg.head_dim, dtype, dev):
+        sdpa["cuda"] = attention_with("cuda")
     triton_norms = {k: v for k, v in norms.items() if k.startswith("triton")}
     # the embedding's kernels are not timed (below) but compile here, beside the others, not at capture
     images = torch.empty(batch, cfg.in_chans, *cfg.img_size, device=dev, dtype=dtype)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 NORM_IMPLS = ("torch", "triton")
 MLP_ACT_IMPLS = ("separate", "epilogue", "triton", "triton_erf")
 RESIDUAL_IMPLS = ("add", "addmm")
-ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn", "triton")
+ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn", "triton", "cuda")
 EMBED_IMPLS = ("torch", "triton")
 
 
@@ -271,12 +271,15 @@ def attention_reference(qkv, batch, heads, head_dim):
 
 def attention(qkv, batch, heads, head_dim, impl="auto", tile="", out=None):
     """Multi-head self-attention on the fused QKV output: our Triton kernel (launched with `tile`,
-    or a tile chosen by shape), or SDPA on strided views with the backend chosen by the caller's
-    `sdpa_backend` context."""
+    or a tile chosen by shape), our CUDA C++ kernel for short sequences on Hopper ("cuda"), or
+    SDPA on strided views with the backend chosen by the caller's `sdpa_backend` context."""
     if impl == "triton":
         from . import kernels
         return kernels.attention(qkv, batch, heads, head_dim, tile=parse_attention_tile(tile) if tile else None,
                                  out=out)
+    if impl == "cuda":  # Hopper, <= 256 tokens (cuda_attention.supported)
+        from . import cuda_attention
+        return cuda_attention.attention(qkv, batch, heads, out=out)
     q, k, v = split_qkv(qkv, batch, heads, head_dim)
     out = F.scaled_dot_product_attention(q, k, v)
     # flash and cuDNN lay the output out as (B, T, H, hd): this reshape is then a free view
@@ -286,7 +289,7 @@ def attention(qkv, batch, heads, head_dim, impl="auto", tile="", out=None):
 def sdpa_backend(name: str):
     """Context manager restricting SDPA to one backend ("auto": torch's own choice)."""
     import contextlib
-    if name in ("auto", "triton"):
+    if name in ("auto", "triton", "cuda"):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,

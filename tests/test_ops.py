@@ -432,3 +432,29 @@ def test_programmatic_dependent_launch_asked_only_where_wanted(monkeypatch):
     assert not kernels.use_pdl(torch.device("cpu"))
     monkeypatch.setattr(kernels, "FORCE_PDL", True)
     assert kernels.use_pdl(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("seq,heads,dtype", [(196, 12, torch.float16), (37, 3, torch.bfloat16), (256, 2, torch.float16)])
+def test_cuda_attention_source_builds_for_hopper(seq, heads, dtype):
+    """The CUDA C++ attention kernel is built at plan time by NVRTC (shipped with torch's CUDA
+    wheels; no GPU needed to compile): its generated source must compile for sm_90a at each shape.
+    Its numbers are checked on the GPU (tools/gpu_selftest.py, tools/cuda_attention_check.py)."""
+    from modeling import cuda_attention
+    try:
+        from torch.cuda._utils import _nvrtc_compile
+        _nvrtc_compile('extern "C" __global__ void probe() {}', "probe", "90a")
+    except (ImportError, OSError, RuntimeError) as err:
+        pytest.skip(f"no NVRTC here: {err}")
+    binary, name = _nvrtc_compile(cuda_attention.source(seq, heads, dtype), "short_attention", "90a", None,
+                                  ["--use_fast_math"])
+    assert name == "short_attention" and len(binary) > 1000
+    with pytest.raises(RuntimeError):  # a broken source fails (the check above can fail)
+        _nvrtc_compile(cuda_attention.source(seq, heads, dtype).replace("wgmma.fence", "wgmma.fencex"),
+                       "short_attention", "90a", None, ["--use_fast_math"])
+
+
+def test_cuda_attention_only_where_it_runs():
+    from modeling import cuda_attention
+    assert not cuda_attention.supported(196, 64, torch.float16, torch.device("cpu"))
+    assert ops.Plan(attention="cuda").attention == "cuda"
+    assert cuda_attention.shared_bytes(196) <= 227 * 1024

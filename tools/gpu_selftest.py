@@ -57,6 +57,11 @@ for dtype in (torch.float16, torch.bfloat16):
     for tile in kernels.attention_tiles(3, 16, 577, 64, torch.device(dev)):
         out = ops.attention(qkv, 3, 16, 64, "triton", str(tile)).float()
         print(f"triton attention {tile} {dtype}: rel err {((out - ref).norm() / ref.norm()):.1e}")
+    for batch, seq, heads in ((3, 196, 12), (5, 37, 3), (2, 256, 2), (4, 129, 5)):  # odd sizes, <= 256 tokens
+        qkv = torch.randn(batch * seq, 3 * heads * 64, device=dev, dtype=dtype)
+        ref = ops.attention_reference(qkv, batch, heads, 64).float()
+        out = ops.attention(qkv, batch, heads, 64, "cuda").float()
+        print(f"cuda attention T={seq} H={heads} B={batch} {dtype}: rel err {((out - ref).norm() / ref.norm()):.1e}")
 
 # cuBLASLt's algorithms (modeling/cublaslt.py) at odd sizes: every one the heuristic offers and each of
 # cublaslt.EXTRA_CONFIGS that cuBLASLt accepts there and the heuristic did not offer, in every

@@ -9,6 +9,7 @@ logits from the same plan run eagerly without programmatic dependent launch.
     ltextra=on|off       the explicit cuBLASLt configurations among the plan's candidates (attempt 38)
     embed=on|off         our Triton patchify and token assembly (plan.embed, attempt 44)
     sustain=on|off       large-batch finalists timed sustained, at the power cap (attempt 45)
+    cudaattn=on|off      the CUDA C++ attention kernel among the plan's candidates (attempt 51)
 """
 import sys
 from dataclasses import replace
@@ -20,15 +21,16 @@ import weight_utils as wu
 from engine import compile as cp
 from engine.target import detect
 from engine.timing import measure
-from modeling import cublaslt, kernels
+from modeling import cublaslt, cuda_attention, kernels
 from modeling.config import vit_config
 
 spec, cache, switch = sys.argv[1:4]
 name, batch = spec.split(":")
 batch = int(batch)
 key, _, value = switch.partition("=")
-if key not in ("pdl", "ltextra", "embed", "sustain"):
-    raise SystemExit(f"unknown switch {switch!r}: pdl=on|off|default, ltextra=on|off, embed=on|off or sustain=on|off")
+if key not in ("pdl", "ltextra", "embed", "sustain", "cudaattn"):
+    raise SystemExit(f"unknown switch {switch!r}: pdl=on|off|default, ltextra=on|off, embed=on|off, sustain=on|off "
+                     "or cudaattn=on|off")
 if value not in ("on", "off") + (("default",) if key == "pdl" else ()):
     raise SystemExit(f"{switch}: on or off{' or default' if key == 'pdl' else ''}")
 if key == "pdl":
@@ -37,6 +39,8 @@ elif key == "ltextra":
     cublaslt.PLAN_TIMES_EXTRA_CONFIGS = value == "on"
 elif key == "sustain":
     cp.PLAN_SUSTAINS = value == "on"
+elif key == "cudaattn":
+    cuda_attention.PLAN_OFFERS = value == "on"
 elif value == "off":  # embed: the measured plan, with torch's patchify and token assembly
     choose_plan = cp.choose_plan
 

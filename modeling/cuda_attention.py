@@ -1,0 +1,279 @@
+"""Attention for short sequences (<= 256 tokens, head dim 64) as a Hopper kernel in CUDA C++,
+built at run time through NVRTC (torch.cuda._compile_kernel; perf-notes attempts 50-51).
+
+One CTA per SM loops over (image, head) pairs. Thread 0 loads the next head's Q, K and V by TMA
+(128-byte swizzle) into the other half of a two-stage buffer while two warpgroups compute this
+head: each takes 64-row query tiles, S = Q K^T by wgmma over the head's whole key sequence
+(rounded up to 16, not to a power of 2: 208 keys at 196 tokens), one softmax over all keys in
+registers, then O = P V by wgmma with P straight from the registers. Q, K and V are read from the
+fused QKV rows and O is written in the proj GEMM's input layout, as the Triton kernel does.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+HEAD_DIM = 64
+MAX_SEQ = 256
+PLAN_OFFERS = True  # the plan times this kernel where it is supported (tools/switch_ab.py cudaattn=off: not)
+
+
+def _operands(first: int, count: int) -> str:
+    return ", ".join(f"%{first + i}" for i in range(count))
+
+
+def _acc_constraints(name: str, count: int) -> str:
+    return ", ".join(f'"+f"({name}[{i}])' for i in range(count))
+
+
+def source(seq: int, heads: int, dtype: torch.dtype = torch.float16) -> str:
+    """The kernel for one (sequence length, heads, float16 or bfloat16) shape."""
+    kind = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
+    keys = -(-seq // 16) * 16          # the key tile: the sequence rounded up to a k16 step
+    q_tiles = -(-seq // 64)            # 64-row query tiles
+    q_rows = q_tiles * 64
+    width = 3 * heads * HEAD_DIM
+    s_regs = keys // 2                 # m64 x n(keys) float32 accumulator: keys / 2 registers a thread
+    q_bytes, kv_bytes = q_rows * 128, keys * 128
+    stage = -(-(q_bytes + 2 * kv_bytes) // 1024) * 1024
+    return rf"""
+#define SEQ {seq}
+#define HEADS {heads}
+#define KEYS {keys}
+#define Q_TILES {q_tiles}
+#define S_REGS {s_regs}
+#define Q_BYTES {q_bytes}
+#define KV_BYTES {kv_bytes}
+#define STAGE_BYTES {stage}
+#define WIDTH {width}
+#define KIND "{kind}"
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {{
+    unsigned long long s;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(s) : "l"(p));
+    return (unsigned)s;
+}}
+
+__device__ __forceinline__ unsigned long long desc_sw128(unsigned addr, unsigned lbo, unsigned sbo) {{
+    // wgmma shared-memory descriptor: 128-byte swizzle (layout 1)
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16)
+         | ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}}
+
+__device__ __forceinline__ void wait_phase(unsigned bar, unsigned phase) {{
+    unsigned done = 0;
+    while (!done)
+        asm volatile("{{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}}\n"
+                     : "=r"(done) : "r"(bar), "r"(phase) : "memory");
+}}
+
+__device__ __forceinline__ void tma_load(unsigned dst, const void* map, int c0, int c1, int c2, unsigned bar) {{
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {{%2, %3, %4}}], [%5];\n"
+                 :: "r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar) : "memory");
+}}
+
+__device__ __forceinline__ unsigned pack_half2(float lo, float hi) {{
+    unsigned r;
+    asm("cvt.rn." KIND "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}}
+
+__device__ __forceinline__ void issue(int unit, unsigned base, unsigned bar, const void* map_q, const void* map_kv) {{
+    int b = unit / HEADS, col = (unit % HEADS) * 64;
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(Q_BYTES + 2 * KV_BYTES)
+                 : "memory");
+    tma_load(base, map_q, col, 0, b, bar);
+    tma_load(base + Q_BYTES, map_kv, HEADS * 64 + col, 0, b, bar);
+    tma_load(base + Q_BYTES + KV_BYTES, map_kv, 2 * HEADS * 64 + col, 0, b, bar);
+}}
+
+extern "C" __global__ void __launch_bounds__(256, 1) short_attention(const void* map_q, const void* map_kv,
+                                                                      unsigned short* out, int units) {{
+    extern __shared__ unsigned char raw_smem[];
+    unsigned base = (smem_u32(raw_smem) + 1023) & ~1023u;     // 128-byte swizzle wants 1024-byte tiles
+    unsigned bars = base + 2 * STAGE_BYTES;
+    int t = threadIdx.x, wg = t / 128, w = (t % 128) / 32, l = t % 32;
+    if (t == 0) {{
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(bars) : "memory");
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(bars + 8) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }}
+    __syncthreads();
+    if (t == 0 && (int)blockIdx.x < units)
+        issue(blockIdx.x, base, bars, map_q, map_kv);
+    const float scale = 0.125f * 1.4426950408889634f;          // hd^-0.5, in base 2
+    int it = 0;
+    for (int unit = blockIdx.x; unit < units; unit += gridDim.x, ++it) {{
+        int s = it & 1;
+        unsigned stage = base + s * STAGE_BYTES;
+        if (t == 0 && unit + (int)gridDim.x < units)             // the next head loads while this one computes
+            issue(unit + gridDim.x, base + (s ^ 1) * STAGE_BYTES, bars + 8 * (s ^ 1), map_q, map_kv);
+        wait_phase(bars + 8 * s, (it >> 1) & 1);
+        unsigned q_smem = stage, k_smem = stage + Q_BYTES, v_smem = stage + Q_BYTES + KV_BYTES;
+        int b = unit / HEADS, col = (unit % HEADS) * 64;
+        for (int qt = wg; qt < Q_TILES; qt += 2) {{
+            float acc[S_REGS];
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+            #pragma unroll
+            for (int k = 0; k < 4; ++k) {{
+                unsigned long long da = desc_sw128(q_smem + qt * 8192 + 32 * k, 16, 1024);
+                unsigned long long db = desc_sw128(k_smem + 32 * k, 16, 1024);
+                asm volatile(
+                    "{{\n.reg .pred p;\nsetp.ne.b32 p, %{s_regs + 2}, 0;\n"
+                    "wgmma.mma_async.sync.aligned.m64n{keys}k16.f32." KIND "." KIND " {{{_operands(0, s_regs)}}}, "
+                    "%{s_regs}, %{s_regs + 1}, p, 1, 1, 0, 0;\n}}\n"
+                    : {_acc_constraints("acc", s_regs)}
+                    : "l"(da), "l"(db), "r"(k));
+            }}
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            // softmax over the whole key row; this thread holds rows r and r + 8 of the tile,
+            // columns 8c + 2(l % 4) + {{0, 1}} of each 8-column chunk c
+            float m0 = -1e30f, m1 = -1e30f;
+            #pragma unroll
+            for (int c = 0; c < KEYS / 8; ++c) {{
+                #pragma unroll
+                for (int e = 0; e < 2; ++e) {{
+                    if (8 * c + 8 > SEQ) {{                       // only the last chunk holds keys past SEQ
+                        bool ok = 8 * c + 2 * (l % 4) + e < SEQ;
+                        acc[4 * c + e] = ok ? acc[4 * c + e] : -1e30f;
+                        acc[4 * c + 2 + e] = ok ? acc[4 * c + 2 + e] : -1e30f;
+                    }}
+                    m0 = fmaxf(m0, acc[4 * c + e]);
+                    m1 = fmaxf(m1, acc[4 * c + 2 + e]);
+                }}
+            }}
+            m0 = fmaxf(m0, __shfl_xor_sync(0xffffffff, m0, 1));
+            m0 = fmaxf(m0, __shfl_xor_sync(0xffffffff, m0, 2));
+            m1 = fmaxf(m1, __shfl_xor_sync(0xffffffff, m1, 1));
+            m1 = fmaxf(m1, __shfl_xor_sync(0xffffffff, m1, 2));
+            float l0 = 0.f, l1 = 0.f, ms0 = m0 * scale, ms1 = m1 * scale;
+            unsigned p[S_REGS / 2];
+            #pragma unroll
+            for (int c = 0; c < KEYS / 8; ++c) {{                 // one FMA and one ex2 per score
+                float a0 = exp2f(fmaf(acc[4 * c], scale, -ms0)), a1 = exp2f(fmaf(acc[4 * c + 1], scale, -ms0));
+                float b0 = exp2f(fmaf(acc[4 * c + 2], scale, -ms1)), b1 = exp2f(fmaf(acc[4 * c + 3], scale, -ms1));
+                l0 += a0 + a1;
+                l1 += b0 + b1;
+                p[2 * c] = pack_half2(a0, a1);
+                p[2 * c + 1] = pack_half2(b0, b1);
+            }}
+            l0 += __shfl_xor_sync(0xffffffff, l0, 1);
+            l0 += __shfl_xor_sync(0xffffffff, l0, 2);
+            l1 += __shfl_xor_sync(0xffffffff, l1, 1);
+            l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+            float o[32];
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+            #pragma unroll
+            for (int j = 0; j < KEYS / 16; ++j) {{
+                // P's 16 keys of step j: chunks 2j and 2j + 1, rows r and r + 8
+                // V as stored (keys x 64, MN-major): SBO steps 8 keys (1024 bytes); LBO unused at 64 columns
+                unsigned long long dv = desc_sw128(v_smem + j * 2048, 16, 1024);
+                asm volatile(
+                    "{{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                    "wgmma.mma_async.sync.aligned.m64n64k16.f32." KIND "." KIND " {{{_operands(0, 32)}}}, "
+                    "{{%32, %33, %34, %35}}, %36, p, 1, 1, 1;\n}}\n"
+                    : {_acc_constraints("o", 32)}
+                    : "r"(p[4 * j]), "r"(p[4 * j + 1]), "r"(p[4 * j + 2]), "r"(p[4 * j + 3]), "l"(dv), "r"(j));
+            }}
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            float inv0 = 1.f / l0, inv1 = 1.f / l1;
+            int r = qt * 64 + 16 * w + l / 4;
+            unsigned* row0 = (unsigned*)(out + ((long long)b * SEQ + r) * (HEADS * 64) + col);
+            unsigned* row1 = (unsigned*)(out + ((long long)b * SEQ + r + 8) * (HEADS * 64) + col);
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) {{
+                if (r < SEQ) row0[4 * j + l % 4] = pack_half2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+                if (r + 8 < SEQ) row1[4 * j + l % 4] = pack_half2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+            }}
+        }}
+        __syncthreads();                                          // this stage is free for the head after next
+    }}
+}}
+"""
+
+
+def shared_bytes(seq: int) -> int:
+    keys = -(-seq // 16) * 16
+    q_rows = -(-seq // 64) * 64
+    stage = -(-(q_rows * 128 + 2 * keys * 128) // 1024) * 1024
+    return 2 * stage + 16 + 1024
+
+
+def supported(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Hopper (sm_90: wgmma and TMA), head dim 64, at most 256 tokens, float16 or bfloat16, and a
+    torch that compiles CUDA C++ through NVRTC."""
+    return (device.type == "cuda" and torch.version.hip is None and head_dim == HEAD_DIM and seq <= MAX_SEQ
+            and dtype in (torch.float16, torch.bfloat16) and hasattr(torch.cuda, "_compile_kernel")
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(seq: int, heads: int, dtype: torch.dtype, device_index: int):
+    with torch.cuda.device(device_index):
+        kernel = torch.cuda._compile_kernel(source(seq, heads, dtype), "short_attention", compute_capability="90a",
+                                            nvcc_options=["--use_fast_math"])
+        nbytes = shared_bytes(seq)
+        cuda = ctypes.CDLL("libcuda.so.1")
+        max_dynamic_shared = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        err = cuda.cuFuncSetAttribute(kernel.func, max_dynamic_shared, nbytes)
+        if err:
+            raise RuntimeError(f"cuFuncSetAttribute: CUresult {err}")
+        kernel._max_shared_mem_bytes = nbytes
+        return kernel
+
+
+def _tensor_map(t3: torch.Tensor, box_rows: int) -> torch.Tensor:
+    """CUtensorMap (128 bytes, in device memory) for a (B, T, C) float16 view with contiguous rows:
+    boxes of 1 x box_rows x 64, 128-byte swizzle, zeros past each image's T rows. Made once per
+    address and shape (it encodes nothing else), so a CUDA graph capture finds it ready."""
+    key = (t3.data_ptr(), tuple(t3.shape), tuple(t3.stride()), t3.dtype, box_rows, t3.device)
+    if key not in _TENSOR_MAPS:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("cuda_attention: run once before CUDA graph capture (its TMA descriptors are made then)")
+        _TENSOR_MAPS[key] = _encode_tensor_map(*key)
+    return _TENSOR_MAPS[key]
+
+
+_TENSOR_MAPS: dict = {}  # kept for the process: graph replays read them
+
+
+def _encode_tensor_map(ptr: int, shape: tuple, stride: tuple, dtype: torch.dtype, box_rows: int,
+                       device: torch.device) -> torch.Tensor:
+    cuda = ctypes.CDLL("libcuda.so.1")
+    raw = (ctypes.c_uint8 * 256)()
+    addr = (ctypes.addressof(raw) + 63) // 64 * 64
+    batch, seq, cols = shape
+    dims = (ctypes.c_uint64 * 3)(cols, seq, batch)
+    strides = (ctypes.c_uint64 * 2)(stride[1] * 2, stride[0] * 2)
+    box = (ctypes.c_uint32 * 3)(64, box_rows, 1)
+    steps = (ctypes.c_uint32 * 3)(1, 1, 1)
+    data_type = {torch.float16: 6, torch.bfloat16: 9}[dtype]  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
+    no_interleave, swizzle_128b, l2_256b, zero_fill = 0, 3, 3, 0
+    err = cuda.cuTensorMapEncodeTiled(ctypes.c_void_p(addr), data_type, 3, ctypes.c_void_p(ptr), dims, strides,
+                                      box, steps, no_interleave, swizzle_128b, l2_256b, zero_fill)
+    if err:
+        raise RuntimeError(f"cuTensorMapEncodeTiled: CUresult {err}")
+    return torch.frombuffer(bytearray(ctypes.string_at(addr, 128)), dtype=torch.uint8).to(device)
+
+
+def attention(qkv: torch.Tensor, batch: int, heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / 8) v per head from the fused (B * T, 3 * H * 64) QKV rows; (B * T, H * 64) out."""
+    rows = qkv.shape[0]
+    seq = rows // batch
+    assert qkv.stride(1) == 1 and supported(seq, HEAD_DIM, qkv.dtype, qkv.device), \
+        "cuda_attention wants sm_90, head dim 64, <= 256 tokens, float16/bfloat16, contiguous rows"
+    if out is None:
+        out = torch.empty(rows, heads * HEAD_DIM, device=qkv.device, dtype=qkv.dtype)
+    view = qkv.as_strided((batch, seq, qkv.shape[1]), (seq * qkv.stride(0), qkv.stride(0), 1))
+    keys = -(-seq // 16) * 16
+    maps = (_tensor_map(view, -(-seq // 64) * 64), _tensor_map(view, keys))
+    kernel = _kernel(seq, heads, qkv.dtype, qkv.device.index or 0)
+    sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count
+    units = batch * heads
+    kernel(grid=(min(units, sms), 1, 1), block=(256, 1, 1), args=[maps[0], maps[1], out, units],
+           shared_mem=shared_bytes(seq))
+    return out

@@ -1,0 +1,57 @@
+"""modeling/cuda_attention.py on the GPU: its numbers against the float32 reference at ViT-B/16's
+196 tokens and odd shapes, registers and local memory per thread, and its time in CUDA graphs beside
+cuDNN and our best Triton tile.
+
+    python3 tools/cuda_attention_check.py [BATCH ...]   (default 1 2 64 256)
+"""
+import ctypes
+import sys
+
+import torch
+
+from engine.compile import _graphed
+from engine.timing import measure
+from modeling import cuda_attention as ca
+from modeling import ops
+
+dev = torch.device("cuda")
+torch.manual_seed(0)
+
+
+def timed(fn, calls=5):
+    return measure(_graphed(fn, calls), dev, warmup_s=0.05, min_iters=10, max_iters=200, budget_s=0.2).median_ms / calls
+
+
+def rel(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+for seq, heads, batch in ((196, 12, 2), (37, 3, 3), (256, 2, 2), (129, 4, 5)):
+    for dtype in (torch.float16, torch.bfloat16):
+        qkv = torch.randn(batch * seq, 3 * heads * 64, device=dev, dtype=dtype)
+        want = ops.attention_reference(qkv, batch, heads, 64)
+        print(f"T={seq} H={heads} B={batch} {dtype}: rel err {rel(ca.attention(qkv, batch, heads), want):.2e}", flush=True)
+k = ca._kernel(196, 12, torch.float16, 0)
+cuda = ctypes.CDLL("libcuda.so.1")
+for name, attr in (("registers", 4), ("local bytes", 3)):
+    v = ctypes.c_int()
+    cuda.cuFuncGetAttribute(ctypes.byref(v), attr, k.func)
+    print(f"kernel {name} per thread: {v.value}")
+
+for batch in [int(b) for b in sys.argv[1:]] or (1, 2, 64, 256):
+    seq, heads = 196, 12
+    qkv = torch.randn(batch * seq, 3 * heads * 64, device=dev, dtype=torch.float16)
+    want = ops.attention_reference(qkv, batch, heads, 64)
+    out = torch.empty(batch * seq, heads * 64, device=dev, dtype=torch.float16)
+    rows = []
+    runs = {"cuda": lambda: ca.attention(qkv, batch, heads, out=out),
+            "cudnn": lambda: ops.attention(qkv, batch, heads, 64, "cudnn"),
+            "triton m64n64w4s3": lambda: ops.attention(qkv, batch, heads, 64, "triton", "m64n64w4s3"),
+            "triton m64n64w4s3tma": lambda: ops.attention(qkv, batch, heads, 64, "triton", "m64n64w4s3tma")}
+    for label, fn in runs.items():
+        with ops.sdpa_backend("cudnn" if label == "cudnn" else "auto"):
+            err = rel(fn(), want)
+            rows.append((timed(fn), label, err))
+    flops = 4 * batch * heads * seq * seq * 64
+    print(f"== batch {batch}: " + "; ".join(f"{label} {ms * 1e3:.1f} us ({flops / ms / 1e9:.0f} TFLOP/s, rel err {err:.1e})"
+                                          for ms, label, err in sorted(rows)), flush=True)
