@@ -28,9 +28,24 @@ def _acc_constraints(name: str, count: int) -> str:
     return ", ".join(f'"+f"({name}[{i}])' for i in range(count))
 
 
-def source(seq: int, heads: int, dtype: torch.dtype = torch.float16) -> str:
-    """The kernel for one (sequence length, heads, float16 or bfloat16) shape."""
+VARIANTS = ("w2s2", "w2s2p", "w1s1")  # consumer warpgroups, stages, ping-pong: see source()
+
+
+def parse_variant(text: str) -> tuple:
+    """"w2s2p" -> (2, 2, True); ValueError when not one of VARIANTS."""
+    if text not in VARIANTS:
+        raise ValueError(f"cuda attention variant {text!r}; one of {', '.join(VARIANTS)}")
+    return int(text[1]), int(text[3]), text.endswith("p")
+
+
+def source(seq: int, heads: int, dtype: torch.dtype = torch.float16, variant: str = "w2s2") -> str:
+    """The kernel for one (sequence length, heads, float16 or bfloat16) shape. w2s2: one CTA per SM,
+    two warpgroups splitting the query tiles, two stages (the next head loads during this one);
+    w2s2p: the same, the two warpgroups taking turns to issue their MMAs (named barriers), so that
+    one's softmax runs under the other's MMAs (FA3's ping-pong; where both have as many tiles);
+    w1s1: two CTAs per SM of one warpgroup and one stage each, which overlap each other's loads."""
     kind = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
+    wgs, stages, pingpong = parse_variant(variant)
     keys = -(-seq // 16) * 16          # the key tile: the sequence rounded up to a k16 step
     q_tiles = -(-seq // 64)            # 64-row query tiles
     q_rows = q_tiles * 64
@@ -49,6 +64,11 @@ def source(seq: int, heads: int, dtype: torch.dtype = torch.float16) -> str:
 #define STAGE_BYTES {stage}
 #define WIDTH {width}
 #define KIND "{kind}"
+#define WGS {wgs}
+#define STAGES {stages}
+#define PINGPONG {int(pingpong and q_tiles % 2 == 0)}
+#define TURN_WAIT() do {{ if (PINGPONG) asm volatile("bar.sync %0, 256;\n" :: "r"(1 + wg) : "memory"); }} while (0)
+#define TURN_PASS() do {{ if (PINGPONG) asm volatile("bar.arrive %0, 256;\n" :: "r"(2 - wg) : "memory"); }} while (0)
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {{
     unsigned long long s;
@@ -89,11 +109,11 @@ __device__ __forceinline__ void issue(int unit, unsigned base, unsigned bar, con
     tma_load(base + Q_BYTES + KV_BYTES, map_kv, 2 * HEADS * 64 + col, 0, b, bar);
 }}
 
-extern "C" __global__ void __launch_bounds__(256, 1) short_attention(const void* map_q, const void* map_kv,
+extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attention(const void* map_q, const void* map_kv,
                                                                       unsigned short* out, int units) {{
     extern __shared__ unsigned char raw_smem[];
     unsigned base = (smem_u32(raw_smem) + 1023) & ~1023u;     // 128-byte swizzle wants 1024-byte tiles
-    unsigned bars = base + 2 * STAGE_BYTES;
+    unsigned bars = base + STAGES * STAGE_BYTES;
     int t = threadIdx.x, wg = t / 128, w = (t % 128) / 32, l = t % 32;
     if (t == 0) {{
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(bars) : "memory");
@@ -103,18 +123,21 @@ extern "C" __global__ void __launch_bounds__(256, 1) short_attention(const void*
     __syncthreads();
     if (t == 0 && (int)blockIdx.x < units)
         issue(blockIdx.x, base, bars, map_q, map_kv);
+    if (PINGPONG && wg == 1)                                       // warpgroup 0 issues first
+        asm volatile("bar.arrive 1, 256;\n" ::: "memory");
     const float scale = 0.125f * 1.4426950408889634f;          // hd^-0.5, in base 2
     int it = 0;
     for (int unit = blockIdx.x; unit < units; unit += gridDim.x, ++it) {{
-        int s = it & 1;
+        int s = STAGES == 2 ? it & 1 : 0;
         unsigned stage = base + s * STAGE_BYTES;
-        if (t == 0 && unit + (int)gridDim.x < units)             // the next head loads while this one computes
+        if (STAGES == 2 && t == 0 && unit + (int)gridDim.x < units)   // the next head loads while this one computes
             issue(unit + gridDim.x, base + (s ^ 1) * STAGE_BYTES, bars + 8 * (s ^ 1), map_q, map_kv);
-        wait_phase(bars + 8 * s, (it >> 1) & 1);
+        wait_phase(bars + 8 * s, STAGES == 2 ? (it >> 1) & 1 : it & 1);
         unsigned q_smem = stage, k_smem = stage + Q_BYTES, v_smem = stage + Q_BYTES + KV_BYTES;
         int b = unit / HEADS, col = (unit % HEADS) * 64;
-        for (int qt = wg; qt < Q_TILES; qt += 2) {{
+        for (int qt = wg; qt < Q_TILES; qt += WGS) {{
             float acc[S_REGS];
+            TURN_WAIT();
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
             #pragma unroll
             for (int k = 0; k < 4; ++k) {{
@@ -128,10 +151,17 @@ extern "C" __global__ void __launch_bounds__(256, 1) short_attention(const void*
                     : "l"(da), "l"(db), "r"(k));
             }}
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            TURN_PASS();
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             // softmax over the whole key row; this thread holds rows r and r + 8 of the tile,
             // columns 8c + 2(l % 4) + {{0, 1}} of each 8-column chunk c
             float m0 = -1e30f, m1 = -1e30f;
+            float l0 = 1.f, l1 = 1.f;
+            unsigned p[S_REGS / 2];
+            if (qt * 64 + 16 * w >= SEQ) {{                      // a warp whose 16 rows are all padding:
+                #pragma unroll                                    // no softmax, zeros into P V
+                for (int i = 0; i < S_REGS / 2; ++i) p[i] = 0u;
+            }} else {{
             #pragma unroll
             for (int c = 0; c < KEYS / 8; ++c) {{
                 #pragma unroll
@@ -149,8 +179,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) short_attention(const void*
             m0 = fmaxf(m0, __shfl_xor_sync(0xffffffff, m0, 2));
             m1 = fmaxf(m1, __shfl_xor_sync(0xffffffff, m1, 1));
             m1 = fmaxf(m1, __shfl_xor_sync(0xffffffff, m1, 2));
-            float l0 = 0.f, l1 = 0.f, ms0 = m0 * scale, ms1 = m1 * scale;
-            unsigned p[S_REGS / 2];
+            float ms0 = m0 * scale, ms1 = m1 * scale;
+            l0 = 0.f;
+            l1 = 0.f;
             #pragma unroll
             for (int c = 0; c < KEYS / 8; ++c) {{                 // one FMA and one ex2 per score
                 float a0 = exp2f(fmaf(acc[4 * c], scale, -ms0)), a1 = exp2f(fmaf(acc[4 * c + 1], scale, -ms0));
@@ -164,7 +195,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) short_attention(const void*
             l0 += __shfl_xor_sync(0xffffffff, l0, 2);
             l1 += __shfl_xor_sync(0xffffffff, l1, 1);
             l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+            }}
             float o[32];
+            TURN_WAIT();
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
             #pragma unroll
             for (int j = 0; j < KEYS / 16; ++j) {{
@@ -179,6 +212,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) short_attention(const void*
                     : "r"(p[4 * j]), "r"(p[4 * j + 1]), "r"(p[4 * j + 2]), "r"(p[4 * j + 3]), "l"(dv), "r"(j));
             }}
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            TURN_PASS();
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             float inv0 = 1.f / l0, inv1 = 1.f / l1;
             int r = qt * 64 + 16 * w + l / 4;
@@ -191,16 +225,20 @@ extern "C" __global__ void __launch_bounds__(256, 1) short_attention(const void*
             }}
         }}
         __syncthreads();                                          // this stage is free for the head after next
+        if (STAGES == 1 && t == 0 && unit + (int)gridDim.x < units)
+            issue(unit + gridDim.x, base, bars, map_q, map_kv);
     }}
+    if (PINGPONG && wg == 0)                                       // warpgroup 1's last turn, passed back
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");
 }}
 """
 
 
-def shared_bytes(seq: int) -> int:
+def shared_bytes(seq: int, variant: str = "w2s2") -> int:
     keys = -(-seq // 16) * 16
     q_rows = -(-seq // 64) * 64
     stage = -(-(q_rows * 128 + 2 * keys * 128) // 1024) * 1024
-    return 2 * stage + 16 + 1024
+    return parse_variant(variant)[1] * stage + 16 + 1024
 
 
 def supported(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -212,11 +250,11 @@ def supported(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(seq: int, heads: int, dtype: torch.dtype, device_index: int):
+def _kernel(seq: int, heads: int, dtype: torch.dtype, variant: str, device_index: int):
     with torch.cuda.device(device_index):
-        kernel = torch.cuda._compile_kernel(source(seq, heads, dtype), "short_attention", compute_capability="90a",
-                                            nvcc_options=["--use_fast_math"])
-        nbytes = shared_bytes(seq)
+        kernel = torch.cuda._compile_kernel(source(seq, heads, dtype, variant), "short_attention",
+                                            compute_capability="90a", nvcc_options=["--use_fast_math"])
+        nbytes = shared_bytes(seq, variant)
         cuda = ctypes.CDLL("libcuda.so.1")
         max_dynamic_shared = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         err = cuda.cuFuncSetAttribute(kernel.func, max_dynamic_shared, nbytes)
@@ -260,7 +298,8 @@ def _encode_tensor_map(ptr: int, shape: tuple, stride: tuple, dtype: torch.dtype
     return torch.frombuffer(bytearray(ctypes.string_at(addr, 128)), dtype=torch.uint8).to(device)
 
 
-def attention(qkv: torch.Tensor, batch: int, heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def attention(qkv: torch.Tensor, batch: int, heads: int, out: torch.Tensor | None = None,
+              variant: str = "w2s2") -> torch.Tensor:
     """softmax(q k^T / 8) v per head from the fused (B * T, 3 * H * 64) QKV rows; (B * T, H * 64) out."""
     rows = qkv.shape[0]
     seq = rows // batch
@@ -271,9 +310,10 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, out: torch.Tensor | Non
     view = qkv.as_strided((batch, seq, qkv.shape[1]), (seq * qkv.stride(0), qkv.stride(0), 1))
     keys = -(-seq // 16) * 16
     maps = (_tensor_map(view, -(-seq // 64) * 64), _tensor_map(view, keys))
-    kernel = _kernel(seq, heads, qkv.dtype, qkv.device.index or 0)
+    kernel = _kernel(seq, heads, qkv.dtype, variant, qkv.device.index or 0)
+    wgs, stages, _ = parse_variant(variant)
     sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count
     units = batch * heads
-    kernel(grid=(min(units, sms), 1, 1), block=(256, 1, 1), args=[maps[0], maps[1], out, units],
-           shared_mem=shared_bytes(seq))
+    kernel(grid=(min(units, sms * (3 - stages)), 1, 1), block=(128 * wgs, 1, 1), args=[maps[0], maps[1], out, units],
+           shared_mem=shared_bytes(seq, variant))
     return out

@@ -57,7 +57,10 @@ class Plan:
                               ("embed", EMBED_IMPLS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"plan.{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
-        if self.attention_tile:
+        if self.attention_tile and self.attention == "cuda":
+            from .cuda_attention import parse_variant
+            parse_variant(self.attention_tile)
+        elif self.attention_tile:
             parse_attention_tile(self.attention_tile)
         if self.norm_tile:
             parse_norm_tile(self.norm_tile)
@@ -279,7 +282,7 @@ def attention(qkv, batch, heads, head_dim, impl="auto", tile="", out=None):
                                  out=out)
     if impl == "cuda":  # Hopper, <= 256 tokens (cuda_attention.supported)
         from . import cuda_attention
-        return cuda_attention.attention(qkv, batch, heads, out=out)
+        return cuda_attention.attention(qkv, batch, heads, out=out, variant=tile or "w2s2")
     q, k, v = split_qkv(qkv, batch, heads, head_dim)
     out = F.scaled_dot_product_attention(q, k, v)
     # flash and cuDNN lay the output out as (B, T, H, hd): this reshape is then a free view

@@ -434,8 +434,9 @@ def test_programmatic_dependent_launch_asked_only_where_wanted(monkeypatch):
     assert kernels.use_pdl(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("seq,heads,dtype", [(196, 12, torch.float16), (37, 3, torch.bfloat16), (256, 2, torch.float16)])
-def test_cuda_attention_source_builds_for_hopper(seq, heads, dtype):
+@pytest.mark.parametrize("seq,heads,dtype,variant", [(196, 12, torch.float16, "w2s2"), (37, 3, torch.bfloat16, "w1s1"),
+                                                     (256, 2, torch.float16, "w1s1")])
+def test_cuda_attention_source_builds_for_hopper(seq, heads, dtype, variant):
     """The CUDA C++ attention kernel is built at plan time by NVRTC (shipped with torch's CUDA
     wheels; no GPU needed to compile): its generated source must compile for sm_90a at each shape.
     Its numbers are checked on the GPU (tools/gpu_selftest.py, tools/cuda_attention_check.py)."""
@@ -445,16 +446,19 @@ def test_cuda_attention_source_builds_for_hopper(seq, heads, dtype):
         _nvrtc_compile('extern "C" __global__ void probe() {}', "probe", "90a")
     except (ImportError, OSError, RuntimeError) as err:
         pytest.skip(f"no NVRTC here: {err}")
-    binary, name = _nvrtc_compile(cuda_attention.source(seq, heads, dtype), "short_attention", "90a", None,
+    binary, name = _nvrtc_compile(cuda_attention.source(seq, heads, dtype, variant), "short_attention", "90a", None,
                                   ["--use_fast_math"])
     assert name == "short_attention" and len(binary) > 1000
     with pytest.raises(RuntimeError):  # a broken source fails (the check above can fail)
-        _nvrtc_compile(cuda_attention.source(seq, heads, dtype).replace("wgmma.fence", "wgmma.fencex"),
+        _nvrtc_compile(cuda_attention.source(seq, heads, dtype, variant).replace("wgmma.fence", "wgmma.fencex"),
                        "short_attention", "90a", None, ["--use_fast_math"])
 
 
 def test_cuda_attention_only_where_it_runs():
     from modeling import cuda_attention
     assert not cuda_attention.supported(196, 64, torch.float16, torch.device("cpu"))
-    assert ops.Plan(attention="cuda").attention == "cuda"
+    assert ops.Plan(attention="cuda", attention_tile="w1s1").attention_tile == "w1s1"
+    with pytest.raises(ValueError, match="cuda attention variant"):
+        ops.Plan(attention="cuda", attention_tile="m64n64w4s3")
     assert cuda_attention.shared_bytes(196) <= 227 * 1024
+    assert 2 * cuda_attention.shared_bytes(196, "w1s1") <= 228 * 1024  # two CTAs per SM

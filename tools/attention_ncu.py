@@ -1,5 +1,5 @@
 """Nsight Compute's view of the attention kernels at one shape: cuDNN (through torch's SDPA),
-our Triton tiles, and (when modeling/kernels46.py holds commit 5d5bd54's kernels) attempt 46's
+our Triton tiles, our CUDA C++ kernel, and (when modeling/kernels46.py holds commit 5d5bd54's kernels) attempt 46's
 whole-head kernel. Each runs once to compile, then once inside the profiled range.
 
     ncu --profile-from-start off --section SpeedOfLight ... python3 tools/attention_ncu.py [MODEL:BATCH]
@@ -19,6 +19,8 @@ qkv = torch.randn(batch * seq, 3 * heads * hd, device="cuda", dtype=torch.float1
 runs = {"cudnn": lambda: ops.attention(qkv, batch, heads, hd, "cudnn")}
 for tile in ("m64n64w4s3", "m128n64w8s3tma"):
     runs[tile] = lambda tile=tile: ops.attention(qkv, batch, heads, hd, "triton", tile)
+for variant in ("w2s2p", "w2s2"):  # modeling/cuda_attention.py
+    runs[f"cuda {variant}"] = lambda variant=variant: ops.attention(qkv, batch, heads, hd, "cuda", variant)
 try:
     from modeling import kernels46
     for tile in ("h128w8s2p2", "h64w4s1p0"):
