@@ -342,7 +342,8 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
             for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
                 triton_attention[f"triton:{tile}"] = attention_with("triton", str(tile))
     if cuda_attention.PLAN_OFFERS and cuda_attention.supported(cfg.seq_len, cfg.head_dim, dtype, dev):
-        sdpa["cuda"] = attention_with("cuda")
+        for variant in cuda_attention.VARIANTS:
+            sdpa[f"cuda:{variant}"] = attention_with("cuda", variant)
     triton_norms = {k: v for k, v in norms.items() if k.startswith("triton")}
     # the embedding's kernels are not timed (below) but compile here, beside the others, not at capture
     images = torch.empty(batch, cfg.in_chans, *cfg.img_size, device=dev, dtype=dtype)
