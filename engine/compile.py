@@ -341,9 +341,11 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
                 triton_attention[f"triton:{tile}"] = attention_with("triton", str(tile))
-    if cuda_attention.PLAN_OFFERS and cuda_attention.supported(cfg.seq_len, cfg.head_dim, dtype, dev):
-        for variant in cuda_attention.VARIANTS:
-            sdpa[f"cuda:{variant}"] = attention_with("cuda", variant)
+    cuda_attn = {}
+    if (cuda_attention.PLAN_OFFERS and cuda_attention.supported(cfg.seq_len, cfg.head_dim, dtype, dev)
+            and batch * cfg.num_heads >= torch.cuda.get_device_properties(dev).multi_processor_count):
+        # one CTA per SM loops over the heads: with fewer heads than SMs it never won (session 16)
+        cuda_attn = {f"cuda:{variant}": attention_with("cuda", variant) for variant in cuda_attention.VARIANTS}
     triton_norms = {k: v for k, v in norms.items() if k.startswith("triton")}
     # the embedding's kernels are not timed (below) but compile here, beside the others, not at capture
     images = torch.empty(batch, cfg.in_chans, *cfg.img_size, device=dev, dtype=dtype)
@@ -353,7 +355,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
                                                      impl="triton")}
     phase("setup")
     _precompile([launch for site in (triton_fc1, triton_qkv, triton_proj, triton_fc2, triton_attention, triton_norms,
-                                     embed) for launch in site.values()])
+                                     embed, cuda_attn) for launch in site.values()])
     phase("precompile")
 
     norm, t_norm = _fastest(norms, dev, use_graph, sustain_s=sustain)
@@ -372,7 +374,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
                                   {**lt_proj, **triton_proj})
     fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, blk.fc2.weight, residual), {**lt_fc2, **triton_fc2})
     phase("qkv, proj, fc2")
-    attention, t_attn = _fastest({**sdpa, **triton_attention}, dev, use_graph, sustain_s=sustain)
+    attention, t_attn = _fastest({**sdpa, **triton_attention, **cuda_attn}, dev, use_graph, sustain_s=sustain)
     attention, _, tile = attention.partition(":")
     phase("attention")
     # the embedding's two copies are not timed: our kernels ran at the copy floor, torch's at 38-54% of
