@@ -333,19 +333,21 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
             with ops.sdpa_backend(backend):
                 return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, backend, tile)
         return run
+    cuda_attn = {}
+    if (cuda_attention.PLAN_OFFERS and cuda_attention.supported(cfg.seq_len, cfg.head_dim, dtype, dev)
+            and batch * cfg.num_heads >= torch.cuda.get_device_properties(dev).multi_processor_count):
+        # one CTA per SM loops over the heads: with fewer heads than SMs it never won (session 16)
+        cuda_attn = {f"cuda:{variant}": attention_with("cuda", variant) for variant in cuda_attention.VARIANTS}
     sdpa, triton_attention = {}, {}
     for backend in target.attention_backends:
+        if cuda_attn and backend in ("flash", "efficient"):
+            continue  # 1.4-1.6x behind cuDNN wherever the CUDA kernel runs (session 16): less to time cold
         if backend != "triton":
             sdpa[backend] = attention_with(backend)
         elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
                 triton_attention[f"triton:{tile}"] = attention_with("triton", str(tile))
-    cuda_attn = {}
-    if (cuda_attention.PLAN_OFFERS and cuda_attention.supported(cfg.seq_len, cfg.head_dim, dtype, dev)
-            and batch * cfg.num_heads >= torch.cuda.get_device_properties(dev).multi_processor_count):
-        # one CTA per SM loops over the heads: with fewer heads than SMs it never won (session 16)
-        cuda_attn = {f"cuda:{variant}": attention_with("cuda", variant) for variant in cuda_attention.VARIANTS}
     triton_norms = {k: v for k, v in norms.items() if k.startswith("triton")}
     # the embedding's kernels are not timed (below) but compile here, beside the others, not at capture
     images = torch.empty(batch, cfg.in_chans, *cfg.img_size, device=dev, dtype=dtype)

@@ -30,11 +30,11 @@ for seq, heads, batch in ((196, 12, 2), (37, 3, 3), (256, 2, 2), (129, 4, 5)):
     for dtype in (torch.float16, torch.bfloat16):
         qkv = torch.randn(batch * seq, 3 * heads * 64, device=dev, dtype=dtype)
         want = ops.attention_reference(qkv, batch, heads, 64)
-        for variant in ca.VARIANTS:
+        for variant in ca.KNOWN_VARIANTS:
             got = ca.attention(qkv, batch, heads, variant=variant)
             print(f"T={seq} H={heads} B={batch} {dtype} {variant}: rel err {rel(got, want):.2e}", flush=True)
 cuda = ctypes.CDLL("libcuda.so.1")
-for variant in ca.VARIANTS:
+for variant in ca.KNOWN_VARIANTS:
     k = ca._kernel(196, 12, torch.float16, variant, 0)
     for name, attr in (("registers", 4), ("local bytes", 3)):
         v = ctypes.c_int()
@@ -47,7 +47,7 @@ for batch in [int(b) for b in sys.argv[1:]] or (1, 2, 64, 256):
     want = ops.attention_reference(qkv, batch, heads, 64)
     out = torch.empty(batch * seq, heads * 64, device=dev, dtype=torch.float16)
     rows = []
-    runs = {**{f"cuda {v}": (lambda v=v: ca.attention(qkv, batch, heads, out=out, variant=v)) for v in ca.VARIANTS},
+    runs = {**{f"cuda {v}": (lambda v=v: ca.attention(qkv, batch, heads, out=out, variant=v)) for v in ca.KNOWN_VARIANTS},
             "cudnn": lambda: ops.attention(qkv, batch, heads, 64, "cudnn"),
             "triton m64n64w4s3": lambda: ops.attention(qkv, batch, heads, 64, "triton", "m64n64w4s3"),
             "triton m64n64w4s3tma": lambda: ops.attention(qkv, batch, heads, 64, "triton", "m64n64w4s3tma")}
