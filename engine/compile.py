@@ -341,7 +341,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     sdpa, triton_attention = {}, {}
     for backend in target.attention_backends:
         if cuda_attn and backend in ("flash", "efficient"):
-            continue  # 1.4-1.6x behind cuDNN wherever the CUDA kernel runs (session 16): less to time cold
+            continue  # never chosen where the CUDA kernel runs (perf-notes attempt 51): less to time cold
         if backend != "triton":
             sdpa[backend] = attention_with(backend)
         elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles
