@@ -333,9 +333,10 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
             with ops.sdpa_backend(backend):
                 return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, backend, tile)
         return run
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
     cuda_attn = {}
     if (cuda_attention.PLAN_OFFERS and cuda_attention.supported(cfg.seq_len, cfg.head_dim, dtype, dev)
-            and batch * cfg.num_heads >= torch.cuda.get_device_properties(dev).multi_processor_count):
+            and batch * cfg.num_heads >= sms):
         # one CTA per SM loops over the heads: with fewer heads than SMs it never won (session 16)
         cuda_attn = {f"cuda:{variant}": attention_with("cuda", variant) for variant in cuda_attention.VARIANTS}
     sdpa, triton_attention = {}, {}
@@ -345,7 +346,6 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         if backend != "triton":
             sdpa[backend] = attention_with(backend)
         elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles
-            sms = torch.cuda.get_device_properties(dev).multi_processor_count
             for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
                 triton_attention[f"triton:{tile}"] = attention_with("triton", str(tile))
     triton_norms = {k: v for k, v in norms.items() if k.startswith("triton")}

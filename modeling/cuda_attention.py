@@ -39,6 +39,13 @@ def parse_variant(text: str) -> tuple:
     return int(text[1]), int(text[3]), text.endswith("p")
 
 
+def _layout(seq: int) -> tuple:
+    """(key rows, query rows, bytes of one shared-memory stage) for a sequence: keys rounded up to a
+    k16 step, queries to 64-row tiles, a stage (Q, K, V tiles) to the 1024 bytes a swizzled tile wants."""
+    keys, q_rows = -(-seq // 16) * 16, -(-seq // 64) * 64
+    return keys, q_rows, -(-(q_rows + 2 * keys) * 128 // 1024) * 1024
+
+
 def source(seq: int, heads: int, dtype: torch.dtype = torch.float16, variant: str = "w2s2") -> str:
     """The kernel for one (sequence length, heads, float16 or bfloat16) shape. w2s2: one CTA per SM,
     two warpgroups splitting the query tiles, two stages (the next head loads during this one);
@@ -47,13 +54,10 @@ def source(seq: int, heads: int, dtype: torch.dtype = torch.float16, variant: st
     w1s1: two CTAs per SM of one warpgroup and one stage each, which overlap each other's loads."""
     kind = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
     wgs, stages, pingpong = parse_variant(variant)
-    keys = -(-seq // 16) * 16          # the key tile: the sequence rounded up to a k16 step
-    q_tiles = -(-seq // 64)            # 64-row query tiles
-    q_rows = q_tiles * 64
-    width = 3 * heads * HEAD_DIM
+    keys, q_rows, stage = _layout(seq)
+    q_tiles = q_rows // 64
     s_regs = keys // 2                 # m64 x n(keys) float32 accumulator: keys / 2 registers a thread
     q_bytes, kv_bytes = q_rows * 128, keys * 128
-    stage = -(-(q_bytes + 2 * kv_bytes) // 1024) * 1024
     return rf"""
 #define SEQ {seq}
 #define HEADS {heads}
@@ -63,7 +67,6 @@ def source(seq: int, heads: int, dtype: torch.dtype = torch.float16, variant: st
 #define Q_BYTES {q_bytes}
 #define KV_BYTES {kv_bytes}
 #define STAGE_BYTES {stage}
-#define WIDTH {width}
 #define KIND "{kind}"
 #define WGS {wgs}
 #define STAGES {stages}
@@ -236,10 +239,8 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
 
 
 def shared_bytes(seq: int, variant: str = "w2s2") -> int:
-    keys = -(-seq // 16) * 16
-    q_rows = -(-seq // 64) * 64
-    stage = -(-(q_rows * 128 + 2 * keys * 128) // 1024) * 1024
-    return parse_variant(variant)[1] * stage + 16 + 1024
+    """Dynamic shared memory: the stages, two mbarriers, and room to align the first tile to 1024."""
+    return parse_variant(variant)[1] * _layout(seq)[2] + 16 + 1024
 
 
 def supported(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -313,8 +314,8 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, out: torch.Tensor | Non
     if getattr(_COMPILE_ONLY, "on", False):  # the plan's precompile threads: NVRTC builds it, nothing runs
         return out
     view = qkv.as_strided((batch, seq, qkv.shape[1]), (seq * qkv.stride(0), qkv.stride(0), 1))
-    keys = -(-seq // 16) * 16
-    maps = (_tensor_map(view, -(-seq // 64) * 64), _tensor_map(view, keys))
+    keys, q_rows, _ = _layout(seq)
+    maps = (_tensor_map(view, q_rows), _tensor_map(view, keys))
     wgs, stages, _ = parse_variant(variant)
     sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count
     units = batch * heads
