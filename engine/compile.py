@@ -328,10 +328,12 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         fc1.update({f"epilogue:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue", t))
                     for t in lt(f1.weight, "gelu_bias")})
 
+    attn_out = torch.empty(qkv.shape[0], cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype)
+
     def attention_with(backend, tile=""):
-        def run():
+        def run():  # one output buffer: cuda_attention's TMA descriptors are made per address, before capture
             with ops.sdpa_backend(backend):
-                return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, backend, tile)
+                return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, backend, tile, out=attn_out)
         return run
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
     cuda_attn = {}

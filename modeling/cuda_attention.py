@@ -71,6 +71,9 @@ def source(seq: int, heads: int, dtype: torch.dtype = torch.float16, variant: st
 #define WGS {wgs}
 #define STAGES {stages}
 #define PINGPONG {int(pingpong and q_tiles % 2 == 0)}
+#ifndef PROBE                   // bits that switch parts off, for timing only (tools/attention_probe.py):
+#define PROBE 0                 // 1 the last query tile's MMAs and softmax, 2 loads after the first
+#endif                          // stages, 4 all compute, 8 the output stores
 #define TURN_WAIT() do {{ if (PINGPONG) asm volatile("bar.sync %0, 256;\n" :: "r"(1 + wg) : "memory"); }} while (0)
 #define TURN_PASS() do {{ if (PINGPONG) asm volatile("bar.arrive %0, 256;\n" :: "r"(2 - wg) : "memory"); }} while (0)
 
@@ -98,6 +101,12 @@ __device__ __forceinline__ void tma_load(unsigned dst, const void* map, int c0, 
                  :: "r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar) : "memory");
 }}
 
+__device__ __forceinline__ void tma_store(const void* map, unsigned src, int c0, int c1, int c2) {{
+    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {{%1, %2, %3}}], [%4];\n"
+                 :: "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(src) : "memory");
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}}
+
 __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {{
     unsigned r;
     asm("cvt.rn." KIND "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
@@ -114,10 +123,11 @@ __device__ __forceinline__ void issue(int unit, unsigned base, unsigned bar, con
 }}
 
 extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attention(const void* map_q, const void* map_kv,
-                                                                      unsigned short* out, int units) {{
+                                                                      const void* map_o, int units) {{
     extern __shared__ unsigned char raw_smem[];
     unsigned base = (smem_u32(raw_smem) + 1023) & ~1023u;     // 128-byte swizzle wants 1024-byte tiles
-    unsigned bars = base + STAGES * STAGE_BYTES;
+    unsigned o_smem = base + STAGES * STAGE_BYTES;             // one 64 x 64 output tile per warpgroup
+    unsigned bars = o_smem + WGS * 8192;
     int t = threadIdx.x, wg = t / 128, w = (t % 128) / 32, l = t % 32;
     if (t == 0) {{
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(bars) : "memory");
@@ -134,17 +144,20 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
     for (int unit = blockIdx.x; unit < units; unit += gridDim.x, ++it) {{
         int s = STAGES == 2 ? it & 1 : 0;
         unsigned stage = base + s * STAGE_BYTES;
-        if (STAGES == 2 && t == 0 && unit + (int)gridDim.x < units)   // the next head loads while this one computes
+        if (STAGES == 2 && t == 0 && unit + (int)gridDim.x < units && !((PROBE & 2) && it > 0))   // the next head loads while this one computes
             issue(unit + gridDim.x, base + (s ^ 1) * STAGE_BYTES, bars + 8 * (s ^ 1), map_q, map_kv);
-        wait_phase(bars + 8 * s, STAGES == 2 ? (it >> 1) & 1 : it & 1);
+        if (!(PROBE & 2) || it < STAGES)
+            wait_phase(bars + 8 * s, STAGES == 2 ? (it >> 1) & 1 : it & 1);
         unsigned q_smem = stage, k_smem = stage + Q_BYTES, v_smem = stage + Q_BYTES + KV_BYTES;
         int b = unit / HEADS, col = (unit % HEADS) * 64;
         for (int qt = wg; qt < Q_TILES; qt += WGS) {{
+            if (PROBE & 4) continue;
+            const bool skip = (PROBE & 1) && qt == Q_TILES - 1;
             float acc[S_REGS];
             TURN_WAIT();
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
             #pragma unroll
-            for (int k = 0; k < 4; ++k) {{
+            for (int k = 0; k < 4; ++k) if (!skip) {{
                 unsigned long long da = desc_sw128(q_smem + qt * 8192 + 32 * k, 16, 1024);
                 unsigned long long db = desc_sw128(k_smem + 32 * k, 16, 1024);
                 asm volatile(
@@ -162,7 +175,7 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
             float m0 = -1e30f, m1 = -1e30f;
             float l0 = 1.f, l1 = 1.f;
             unsigned p[S_REGS / 2];
-            if (qt * 64 + 16 * w >= SEQ) {{                      // a warp whose 16 rows are all padding:
+            if (skip || qt * 64 + 16 * w >= SEQ) {{          // a warp whose 16 rows are all padding:
                 #pragma unroll                                    // no softmax, zeros into P V
                 for (int i = 0; i < S_REGS / 2; ++i) p[i] = 0u;
             }} else {{
@@ -204,7 +217,7 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
             TURN_WAIT();
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
             #pragma unroll
-            for (int j = 0; j < KEYS / 16; ++j) {{
+            for (int j = 0; j < KEYS / 16; ++j) if (!skip) {{
                 // P's 16 keys of step j: chunks 2j and 2j + 1, rows r and r + 8
                 // V as stored (keys x 64, MN-major): SBO steps 8 keys (1024 bytes); LBO unused at 64 columns
                 unsigned long long dv = desc_sw128(v_smem + j * 2048, 16, 1024);
@@ -218,29 +231,47 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             TURN_PASS();
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-            float inv0 = 1.f / l0, inv1 = 1.f / l1;
-            int r = qt * 64 + 16 * w + l / 4;
-            unsigned* row0 = (unsigned*)(out + ((long long)b * SEQ + r) * (HEADS * 64) + col);
-            unsigned* row1 = (unsigned*)(out + ((long long)b * SEQ + r + 8) * (HEADS * 64) + col);
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) {{
-                if (r < SEQ) row0[4 * j + l % 4] = pack_half2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
-                if (r + 8 < SEQ) row1[4 * j + l % 4] = pack_half2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+            if (!(PROBE & 8)) {{
+                // O goes out by TMA from a swizzled tile in shared memory: whole 128-byte rows, rows
+                // past SEQ clipped by the tensor map, no scattered 4-byte stores (they cost 52 of 142 us
+                // at ViT-B/16 batch 256, attempt 52). The tile is free once its last store was read.
+                unsigned tile = o_smem + wg * 8192;
+                if (t % 128 == 0)
+                    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+                asm volatile("bar.sync %0, 128;\n" :: "r"(3 + wg) : "memory");
+                float inv0 = 1.f / l0, inv1 = 1.f / l1;
+                int r = 16 * w + l / 4;                            // rows r and r + 8 of this tile
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) {{                     // 16-byte chunk j sits at j ^ (row % 8)
+                    unsigned at = tile + r * 128 + ((j ^ (r & 7)) << 4) + (l % 4) * 4;
+                    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(at), "r"(pack_half2(o[4 * j] * inv0, o[4 * j + 1] * inv0))
+                                 : "memory");
+                    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(at + 1024), "r"(pack_half2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1))
+                                 : "memory");
+                }}
+                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // visible to the TMA unit
+                asm volatile("bar.sync %0, 128;\n" :: "r"(3 + wg) : "memory");
+                if (t % 128 == 0)
+                    tma_store(map_o, tile, col, qt * 64, b);
             }}
         }}
         __syncthreads();                                          // this stage is free for the head after next
-        if (STAGES == 1 && t == 0 && unit + (int)gridDim.x < units)
+        if (STAGES == 1 && t == 0 && unit + (int)gridDim.x < units && !(PROBE & 2))
             issue(unit + gridDim.x, base, bars, map_q, map_kv);
     }}
     if (PINGPONG && wg == 0)                                       // warpgroup 1's last turn, passed back
         asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    if (t % 128 == 0)                                              // shared memory lives until the stores read it
+        asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }}
 """
 
 
 def shared_bytes(seq: int, variant: str = "w2s2") -> int:
-    """Dynamic shared memory: the stages, two mbarriers, and room to align the first tile to 1024."""
-    return parse_variant(variant)[1] * _layout(seq)[2] + 16 + 1024
+    """Dynamic shared memory: the stages, an output tile per warpgroup, two mbarriers, and room to
+    align the first tile to 1024."""
+    wgs, stages, _ = parse_variant(variant)
+    return stages * _layout(seq)[2] + wgs * 8192 + 16 + 1024
 
 
 def supported(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -315,10 +346,11 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, out: torch.Tensor | Non
         return out
     view = qkv.as_strided((batch, seq, qkv.shape[1]), (seq * qkv.stride(0), qkv.stride(0), 1))
     keys, q_rows, _ = _layout(seq)
-    maps = (_tensor_map(view, q_rows), _tensor_map(view, keys))
+    maps = (_tensor_map(view, q_rows), _tensor_map(view, keys),
+            _tensor_map(out.view(batch, seq, heads * HEAD_DIM), 64))
     wgs, stages, _ = parse_variant(variant)
     sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count
     units = batch * heads
-    kernel(grid=(min(units, sms * (3 - stages)), 1, 1), block=(128 * wgs, 1, 1), args=[maps[0], maps[1], out, units],
+    kernel(grid=(min(units, sms * (3 - stages)), 1, 1), block=(128 * wgs, 1, 1), args=[*maps, units],
            shared_mem=shared_bytes(seq, variant))
     return out

@@ -1,0 +1,50 @@
+"""What bounds modeling/cuda_attention.py: its time with parts of the kernel switched off (the PROBE
+bits in its source), in CUDA graphs at ViT-B/16's shape. perf-notes attempt 52.
+
+    python3 tools/attention_probe.py [BATCH ...]   (default 64 256)
+
+Rows: "full" the kernel as the engine runs it; "no tail" without the last query tile's MMAs and
+softmax (196 tokens: rows 192-255, 4 of them real); "compute only" without global memory (loads after
+the first two heads and the stores switched off); "loads only" without any MMA, softmax or store;
+"no stores". The switched-off rows compute wrong numbers: they are timings, nothing else.
+"""
+import sys
+
+import torch
+
+from engine.compile import _graphed
+from engine.timing import measure
+from modeling import cuda_attention as ca
+
+PROBES = {"full": 0, "no tail": 1, "no stores": 8, "compute only": 2 | 8, "compute only, no tail": 1 | 2 | 8,
+          "loads only": 4 | 8}
+dev = torch.device("cuda")
+source = ca.source
+
+
+def timed(fn, calls=5):
+    return measure(_graphed(fn, calls), dev, warmup_s=0.05, min_iters=10, max_iters=200, budget_s=0.3).median_ms / calls
+
+
+def main(batches):
+    seq, heads = 196, 12
+    for batch in batches:
+        qkv = torch.randn(batch * seq, 3 * heads * 64, device=dev, dtype=torch.float16)
+        out = torch.empty(batch * seq, heads * 64, device=dev, dtype=torch.float16)
+        floor_us = (qkv.numel() + out.numel()) * 2 / 3.0e12 * 1e6
+        for variant in ca.VARIANTS:
+            cells = []
+            for label, bits in PROBES.items():
+                ca.source = lambda *a, bits=bits, **k: f"#define PROBE {bits}\n" + source(*a, **k)
+                ca._kernel.cache_clear()
+                ms = timed(lambda: ca.attention(qkv, batch, heads, out=out, variant=variant))
+                cells.append(f"{label} {ms * 1e3:.1f}")
+            per_head = batch * heads / torch.cuda.get_device_properties(dev).multi_processor_count
+            print(f"batch {batch} {variant} ({per_head:.1f} heads per SM; 3 TB/s floor {floor_us:.0f} us), us: "
+                  + "; ".join(cells), flush=True)
+    ca.source = source
+    ca._kernel.cache_clear()
+
+
+if __name__ == "__main__":
+    main([int(b) for b in sys.argv[1:]] or (64, 256))
