@@ -24,13 +24,13 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "14"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+ENGINE_VERSION = "15"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
 # 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
 # 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%;
 # 9: cuBLASLt algorithms beyond its heuristic's first; 10: Triton kernels by programmatic dependent launch;
 # 11: explicit cuBLASLt configurations beside the heuristic's (cublaslt.EXTRA_CONFIGS); 12: Triton patchify and
 # token assembly (plan.embed); 13: large-batch finalists timed sustained, at the power cap; 14: the CUDA C++
-# attention kernel for <= 256 tokens (cuda_attention) among the candidates
+# attention kernel for <= 256 tokens (cuda_attention) among the candidates; 15: its output by TMA store, w2s2 timed again
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -340,7 +340,8 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     if (cuda_attention.PLAN_OFFERS and cuda_attention.supported(cfg.seq_len, cfg.head_dim, dtype, dev)
             and batch * cfg.num_heads >= sms):
         # one CTA per SM loops over the heads: with fewer heads than SMs it never won (session 16)
-        cuda_attn = {f"cuda:{variant}": attention_with("cuda", variant) for variant in cuda_attention.VARIANTS}
+        cuda_attn = {f"cuda:{variant}": attention_with("cuda", variant)
+                     for variant in cuda_attention.variants(batch * cfg.num_heads, sms)}
     sdpa, triton_attention = {}, {}
     for backend in target.attention_backends:
         if cuda_attn and backend in ("flash", "efficient"):

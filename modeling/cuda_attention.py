@@ -29,7 +29,12 @@ def _acc_constraints(name: str, count: int) -> str:
 
 
 KNOWN_VARIANTS = ("w2s2", "w2s2p", "w1s1")  # consumer warpgroups, stages, ping-pong: see source()
-VARIANTS = ("w2s2p", "w1s1")  # those the plan times: w2s2 lost to w2s2p at every size measured (session 16)
+
+
+def variants(units: int, sms: int) -> tuple:
+    """The two the plan times for `units` (image, head) pairs: alone at ViT-B/16, w1s1 won at 1.5
+    heads per SM, w2s2p at 2.9, w2s2 from 5.8 (perf-notes attempt 53)."""
+    return ("w2s2p", "w1s1") if units < 4 * sms else ("w2s2", "w2s2p")
 
 
 def parse_variant(text: str) -> tuple:

@@ -1,7 +1,7 @@
 """What bounds modeling/cuda_attention.py: its time with parts of the kernel switched off (the PROBE
 bits in its source), in CUDA graphs at ViT-B/16's shape. perf-notes attempt 52.
 
-    python3 tools/attention_probe.py [BATCH ...]   (default 64 256)
+    python3 tools/attention_probe.py [BATCH ...] [VARIANT ...]   (default 64 256; variants: ca.KNOWN_VARIANTS)
 
 Rows: "full" the kernel as the engine runs it; "no tail" without the last query tile's MMAs and
 softmax (196 tokens: rows 192-255, 4 of them real); "compute only" without global memory (loads after
@@ -26,13 +26,13 @@ def timed(fn, calls=5):
     return measure(_graphed(fn, calls), dev, warmup_s=0.05, min_iters=10, max_iters=200, budget_s=0.3).median_ms / calls
 
 
-def main(batches):
+def main(batches, variants):
     seq, heads = 196, 12
     for batch in batches:
         qkv = torch.randn(batch * seq, 3 * heads * 64, device=dev, dtype=torch.float16)
         out = torch.empty(batch * seq, heads * 64, device=dev, dtype=torch.float16)
         floor_us = (qkv.numel() + out.numel()) * 2 / 3.0e12 * 1e6
-        for variant in ca.VARIANTS:
+        for variant in variants:
             cells = []
             for label, bits in PROBES.items():
                 ca.source = lambda *a, bits=bits, **k: f"#define PROBE {bits}\n" + source(*a, **k)
@@ -47,4 +47,5 @@ def main(batches):
 
 
 if __name__ == "__main__":
-    main([int(b) for b in sys.argv[1:]] or (64, 256))
+    main([int(a) for a in sys.argv[1:] if a.isdigit()] or (64, 256),
+         [a for a in sys.argv[1:] if not a.isdigit()] or ca.KNOWN_VARIANTS)
