@@ -346,6 +346,8 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     for backend in target.attention_backends:
         if cuda_attn and backend in ("flash", "efficient"):
             continue  # never chosen where the CUDA kernel runs (perf-notes attempt 51): less to time cold
+        if cuda_attn and backend == "triton" and batch * cfg.num_heads >= 4 * sms:
+            continue  # 1.4-1.5x behind the CUDA kernel from 4 heads per SM (attempt 53): three compiles less
         if backend != "triton":
             sdpa[backend] = attention_with(backend)
         elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles
