@@ -78,7 +78,7 @@ def source(seq: int, heads: int, dtype: torch.dtype = torch.float16, variant: st
 #define PINGPONG {int(pingpong and q_tiles % 2 == 0)}
 #ifndef PROBE                   // bits that switch parts off, for timing only (tools/attention_probe.py):
 #define PROBE 0                 // 1 the last query tile's MMAs and softmax, 2 loads after the first
-#endif                          // stages, 4 all compute, 8 the output stores
+#endif                          // stages, 4 all compute, 8 the output stores, 16 all MMAs and softmax
 #define TURN_WAIT() do {{ if (PINGPONG) asm volatile("bar.sync %0, 256;\n" :: "r"(1 + wg) : "memory"); }} while (0)
 #define TURN_PASS() do {{ if (PINGPONG) asm volatile("bar.arrive %0, 256;\n" :: "r"(2 - wg) : "memory"); }} while (0)
 
@@ -157,7 +157,7 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
         int b = unit / HEADS, col = (unit % HEADS) * 64;
         for (int qt = wg; qt < Q_TILES; qt += WGS) {{
             if (PROBE & 4) continue;
-            const bool skip = (PROBE & 1) && qt == Q_TILES - 1;
+            const bool skip = ((PROBE & 1) && qt == Q_TILES - 1) || (PROBE & 16);
             float acc[S_REGS];
             TURN_WAIT();
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");

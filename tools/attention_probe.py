@@ -6,7 +6,7 @@ bits in its source), in CUDA graphs at ViT-B/16's shape. perf-notes attempt 52.
 Rows: "full" the kernel as the engine runs it; "no tail" without the last query tile's MMAs and
 softmax (196 tokens: rows 192-255, 4 of them real); "compute only" without global memory (loads after
 the first two heads and the stores switched off); "loads only" without any MMA, softmax or store;
-"no stores". The switched-off rows compute wrong numbers: they are timings, nothing else.
+"loads and stores" without any MMA or softmax; "no stores". The switched-off rows compute wrong numbers: they are timings, nothing else.
 """
 import sys
 
@@ -17,7 +17,7 @@ from engine.timing import measure
 from modeling import cuda_attention as ca
 
 PROBES = {"full": 0, "no tail": 1, "no stores": 8, "compute only": 2 | 8, "compute only, no tail": 1 | 2 | 8,
-          "loads only": 4 | 8}
+          "loads only": 4 | 8, "loads and stores": 16}
 dev = torch.device("cuda")
 source = ca.source
 
