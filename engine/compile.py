@@ -339,15 +339,15 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     cuda_attn = {}
     if (cuda_attention.PLAN_OFFERS and cuda_attention.supported(cfg.seq_len, cfg.head_dim, dtype, dev)
             and batch * cfg.num_heads >= sms):
-        # one CTA per SM loops over the heads: with fewer heads than SMs it never won (session 16)
+        # its CTAs loop over the heads: with fewer heads than SMs it never won (session 16)
         cuda_attn = {f"cuda:{variant}": attention_with("cuda", variant)
                      for variant in cuda_attention.variants(batch * cfg.num_heads, sms)}
     sdpa, triton_attention = {}, {}
     for backend in target.attention_backends:
         if cuda_attn and backend in ("flash", "efficient"):
             continue  # never chosen where the CUDA kernel runs (perf-notes attempt 51): less to time cold
-        if cuda_attn and backend == "triton" and batch * cfg.num_heads >= 4 * sms:
-            continue  # 1.4-1.5x behind the CUDA kernel from 4 heads per SM (attempt 53): three compiles less
+        if cuda_attn and backend == "triton" and batch * cfg.num_heads >= cuda_attention.MANY_HEADS_PER_SM * sms:
+            continue  # 1.4-1.5x behind the CUDA kernel there (attempts 53, 55): three compiles less
         if backend != "triton":
             sdpa[backend] = attention_with(backend)
         elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles

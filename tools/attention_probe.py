@@ -5,7 +5,7 @@ bits in its source), in CUDA graphs at ViT-B/16's shape. perf-notes attempt 52.
 
 Rows: "full" the kernel as the engine runs it; "no tail" without the last query tile's MMAs and
 softmax (196 tokens: rows 192-255, 4 of them real); "compute only" without global memory (loads after
-the first two heads and the stores switched off); "loads only" without any MMA, softmax or store;
+the first stages and the stores switched off); "loads only" without any MMA, softmax or store;
 "loads and stores" without any MMA or softmax; "no stores". The switched-off rows compute wrong numbers: they are timings, nothing else.
 """
 import sys
@@ -42,10 +42,12 @@ def main(batches, variants):
             per_head = batch * heads / torch.cuda.get_device_properties(dev).multi_processor_count
             print(f"batch {batch} {variant} ({per_head:.1f} heads per SM; 3 TB/s floor {floor_us:.0f} us), us: "
                   + "; ".join(cells), flush=True)
-    ca.source = source
-    ca._kernel.cache_clear()
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:] if a.isdigit()] or (64, 256),
-         [a for a in sys.argv[1:] if not a.isdigit()] or ca.KNOWN_VARIANTS)
+    try:
+        main([int(a) for a in sys.argv[1:] if a.isdigit()] or (64, 256),
+             [a for a in sys.argv[1:] if not a.isdigit()] or ca.KNOWN_VARIANTS)
+    finally:  # the engine's own source back, whatever happened
+        ca.source = source
+        ca._kernel.cache_clear()

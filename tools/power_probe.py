@@ -167,6 +167,7 @@ def site_calls(model, batch, plan, site, names):
     def rand(cols):
         return torch.randn(rows, cols, device=dev, dtype=dtype, generator=gen)
     x, a, h, qkv = rand(cfg.embed_dim), rand(cfg.embed_dim), rand(cfg.mlp_hidden), rand(3 * cfg.embed_dim)
+    attn_out = rand(cfg.embed_dim)  # one output buffer: the CUDA attention kernel's descriptors are per address
     n = blk.norm1
 
     def call(name):
@@ -183,7 +184,7 @@ def site_calls(model, batch, plan, site, names):
         if site == "attention":
             def run():
                 with ops.sdpa_backend(impl):
-                    return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, impl, tile)
+                    return ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, impl, tile, out=attn_out)
             return run
         raise KeyError(site)
     return {name: call(name) for name in names}
