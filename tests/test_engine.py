@@ -280,6 +280,21 @@ def test_runners_up_are_each_sites_closest_alternative_within_reach():
     assert estimated_forward_ms(report, depth=2) == pytest.approx(2 * (2 * 3.0 + 10.0 + 5.0 + 9.0 + 5.0 + 8.0))
 
 
+def test_runners_up_try_the_library_beside_our_next_tile():
+    # the plan took one of our QKV tiles; the next alternative is another of our tiles, and cuBLAS,
+    # a little further, is tried too (one of each kind per site, within reach)
+    from dataclasses import replace
+    from engine.compile import _ours, runners_up
+    plan, report = _plan_report()
+    report = {**report, "qkv": {"m64n128k128w4s4x1f": 9.0, "m128n128k64w4s4x1f": 9.2, "cublas": 9.6, "lt3": 9.7}}
+    alternatives = runners_up(plan, report, close=0.1, limit=8)
+    assert {"qkv=m128n128k64w4s4x1f", "qkv=cublas"} <= set(alternatives) and "qkv=lt3" not in alternatives
+    assert alternatives["qkv=cublas"] == replace(plan, qkv_tile="")
+    assert "qkv=cublas" not in runners_up(plan, {**report, "qkv": {**report["qkv"], "cublas": 10.0}}, close=0.1)
+    assert [_ours(n) for n in ("cublas", "lt66.29.35.3.0.1", "epilogue:lt2", "separate", "cudnn", "torch")] == [False] * 6
+    assert [_ours(n) for n in ("m64n64k128w4s4x1fsk2", "triton", "triton:r2w4", "cuda:w2s2")] == [True] * 4
+
+
 def test_refine_plan_keeps_the_fastest_whole_forward():
     """The end-to-end check overrides the isolated timings: a swap that wins in the whole graph is
     taken; two winning swaps are combined when the combination beats the better one alone."""

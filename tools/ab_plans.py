@@ -2,7 +2,7 @@
 its own graph, timed in alternation for several rounds (engine/compile.py's graph_timer, with
 longer rounds), so machine and clock differences between the runs that chose them drop out.
 
-    python3 tools/ab_plans.py MODEL:BATCH FILE [FILE ...]
+    python3 tools/ab_plans.py MODEL:BATCH[:DTYPE] FILE [FILE ...]   (DTYPE float16, the default, or bfloat16)
 
 A FILE is a results JSON (its row for BATCH gives the plan), a plan cache file (plan.json), or
 `compile`: the plan this process chooses now, from an empty plan cache; `attn:TILE`: the plan
@@ -36,11 +36,11 @@ def plan_from(path: str, batch: int) -> ops.Plan:
 
 
 spec, files = sys.argv[1], sys.argv[2:]
-name, batch = spec.split(":")
-batch = int(batch)
+name, batch, dtype = (spec.split(":") + ["float16"])[:3]
+batch, dtype = int(batch), getattr(torch, dtype)
 target = detect("cuda")
 cfg = vit_config(name, "ait")
-model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=0)[0], cfg), torch.float16, target.device)
+model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=0)[0], cfg), dtype, target.device)
 plans = {"cublas": ops.Plan(norm="triton", mlp_act="epilogue", residual="addmm", attention="cudnn")}
 plan = None
 for path in files:
@@ -54,7 +54,7 @@ for path in files:
         plan = engine.plan
         print(f"{spec} compile: isolated timings (ms) " + json.dumps(
             {site: {k: round(v, 4) for k, v in t.items()} for site, t in engine.info["measured"].items()
-             if site in ("mlp_act", "qkv", "proj", "fc2")}))
+             if site in ("mlp_act", "qkv", "proj", "fc2")}) + f"; end to end {engine.info['measured'].get('end_to_end')}")
     else:
         plan = plan_from(path, batch)
     same = [label for label, other in plans.items() if other == plan]
@@ -64,7 +64,7 @@ for path in files:
         plans[path] = plan
 for label, plan in plans.items():
     print(f"{spec} {label}: {json.dumps({k: v for k, v in plan.as_dict().items() if v})}")
-apply_global_options(Options(), torch.float16)
+apply_global_options(Options(), dtype)
 time_plans = graph_timer(model, batch, target, rounds=1, budget_s=1.0)
 rounds = [time_plans(plans) for _ in range(5)]  # fresh captures each round
 times = {label: statistics.median(r[label] for r in rounds) for label in rounds[0]}
