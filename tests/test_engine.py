@@ -275,7 +275,7 @@ def test_runners_up_are_each_sites_closest_alternative_within_reach():
     assert alternatives["qkv=cublas"].qkv_tile == "" and alternatives["norm=triton"].norm_tile == ""
     assert all(sum(getattr(a, f) != getattr(plan, f) for f in plan.as_dict()) <= 2 for a in alternatives.values())
     assert list(runners_up(plan, report, close=0.1, limit=2)) == ["fc2=m64n128k128w4s4x1fsk3", "mlp_act=epilogue"]
-    assert runners_up(plan, report, close=0.01) == {"fc2=m64n128k128w4s4x1fsk3": alternatives[
+    assert runners_up(plan, report, close=0.01, library_close=0.01) == {"fc2=m64n128k128w4s4x1fsk3": alternatives[
         "fc2=m64n128k128w4s4x1fsk3"]}
     assert estimated_forward_ms(report, depth=2) == pytest.approx(2 * (2 * 3.0 + 10.0 + 5.0 + 9.0 + 5.0 + 8.0))
 
@@ -290,7 +290,14 @@ def test_runners_up_try_the_library_beside_our_next_tile():
     alternatives = runners_up(plan, report, close=0.1, limit=8)
     assert {"qkv=m128n128k64w4s4x1f", "qkv=cublas"} <= set(alternatives) and "qkv=lt3" not in alternatives
     assert alternatives["qkv=cublas"] == replace(plan, qkv_tile="")
-    assert "qkv=cublas" not in runners_up(plan, {**report, "qkv": {**report["qkv"], "cublas": 10.0}}, close=0.1)
+    # the library's call is tried up to library_close behind where the plan took our tile, not further
+    def qkv(cublas):
+        return {**report, "qkv": {"m64n128k128w4s4x1f": 9.0, "m128n128k64w4s4x1f": 9.2, "cublas": cublas}}
+    assert "qkv=cublas" in runners_up(plan, qkv(11.0), close=0.1, limit=8)
+    assert "qkv=cublas" not in runners_up(plan, qkv(10.0), close=0.1, library_close=0.1)
+    assert "qkv=cublas" not in runners_up(plan, qkv(12.0), close=0.1, limit=8)
+    # where the plan took the library's call, our tiles get no wider reach: proj's split tile, 20% behind
+    assert "proj=m64n64k128w4s4x1fsk2" not in runners_up(plan, report, close=0.1, limit=8)
     assert [_ours(n) for n in ("cublas", "lt66.29.35.3.0.1", "epilogue:lt2", "separate", "cudnn", "torch")] == [False] * 6
     assert [_ours(n) for n in ("m64n64k128w4s4x1fsk2", "triton", "triton:r2w4", "cuda:w2s2")] == [True] * 4
 
