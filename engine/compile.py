@@ -347,7 +347,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         if cuda_attn and backend in ("flash", "efficient"):
             continue  # never chosen where the CUDA kernel runs (perf-notes attempt 51): less to time cold
         if cuda_attn and backend == "triton" and batch * cfg.num_heads >= cuda_attention.MANY_HEADS_PER_SM * sms:
-            continue  # 1.4-1.5x behind the CUDA kernel there (attempts 53, 55): three compiles less
+            continue  # 1.4-1.6x behind the CUDA kernel there (attempts 53, 55): three compiles less
         if backend != "triton":
             sdpa[backend] = attention_with(backend)
         elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles
