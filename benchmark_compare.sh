@@ -5,7 +5,8 @@
 #
 #   ./benchmark_compare.sh [MODEL...]        (default: vit_base_patch16_224 vit_large_patch16_384)
 #
-# Environment: OUT_DIR (default results), STEPS (default "verify ait ait_bf16 pt compile autotune report"),
+# Environment: OUT_DIR (default results), STEPS (default "verify ait ait_bf16 pt compile autotune report";
+# report also copies the plans the sweep ran, with their timings, to OUT_DIR/plans/),
 # COMPILE_SIZES / AUTOTUNE_SIZES (torch.compile takes 20 s to minutes per size, so a subset).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,7 +34,12 @@ for model in "${MODELS[@]}"; do
       autotune) for n in $AUTOTUNE_SIZES; do
                   python3 benchmark_pt.py --model-name "$model" --mode max-autotune --batch-size "$n" --output-dir "$OUT_DIR"
                 done ;;
-      report) if [ -f report.py ]; then python3 report.py --model-name "$model" --results-dir "$OUT_DIR"; fi ;;
+      report) if [ -f report.py ]; then python3 report.py --model-name "$model" --results-dir "$OUT_DIR"; fi
+              # the plans the sweep ran, each with its sites' isolated timings and end-to-end check
+              mkdir -p "$OUT_DIR/plans"
+              for plan in tmp/"${model}"_*/plan.json; do
+                if [ -f "$plan" ]; then cp "$plan" "$OUT_DIR/plans/$(basename "$(dirname "$plan")").json"; fi
+              done ;;
       *) echo "unknown step $step" >&2; exit 2 ;;
     esac
   done
