@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU self-checks, verification, engine sweep, baselines, profiles.
-# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks cold ab tiles power)
+# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks cold ab tiles power
+#                                        attention beside)
 # cold times MODEL:BATCH[:DTYPE] specs from COLD_SIZES (default: both models at batch 1 and 256).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
@@ -31,6 +32,18 @@ for step in "$@"; do
       python3 tools/power_probe.py forward ${POWER_SIZES:-vit_base_patch16_224:256 vit_base_patch16_224:256:bfloat16}
       python3 tools/power_probe.py sites ${POWER_SITES:-vit_base_patch16_224:256};;
     clocks) log clocks; python3 tools/graph_vs_eager.py vit_base_patch16_224 256;;
+    attention) log "attention: the CUDA kernel's numbers, registers and times beside cuDNN and Triton, then its parts alone"
+      python3 tools/cuda_attention_check.py ${ATTN_BATCHES:-16 32 64 128 256}
+      python3 tools/attention_probe.py 64 256 w2s2 w2s2p;;
+    beside) log "beside: the engine, max-autotune, torch.compile, eager and the engine again at ${BESIDE_SIZES:-vit_base_patch16_224:256}"
+      for spec in ${BESIDE_SIZES:-vit_base_patch16_224:256}; do
+        m=${spec%%:*}; b=${spec#*:}; dir="$OUT/beside/${m}_bs$b"
+        python3 benchmark_ait.py --model-name "$m" --batch-size "$b" --output-dir "$dir" 2>&1 | grep -E "ait ait batch|rror"
+        for mode in max-autotune compile eager; do
+          python3 benchmark_pt.py --model-name "$m" --batch-size "$b" --mode "$mode" --output-dir "$dir" 2>&1 | grep -E "batch $b|rror"
+        done
+        python3 benchmark_ait.py --model-name "$m" --batch-size "$b" --output-dir "$dir" 2>&1 | grep -E "ait ait batch|rror"
+      done;;
     cold) log "cold: one batch size compiled from an empty Triton cache and plan cache, each"
       for spec in ${COLD_SIZES:-vit_base_patch16_224:1 vit_large_patch16_384:1 vit_base_patch16_224:256 vit_large_patch16_384:256}; do
         IFS=: read -r m b dt <<< "$spec"; dt=${dt:-float16}  # MODEL:BATCH[:DTYPE]
