@@ -146,6 +146,12 @@ def _graphed(fn, calls: int = 5):
     return graph.replay
 
 
+def graphed_ms(fn, device, budget_s: float = 0.12, calls: int = 5) -> float:
+    """Milliseconds per call of fn, `calls` calls replayed from one graph: the tools' kernel timings."""
+    return measure(_graphed(fn, calls), device, warmup_s=0.05, min_iters=10, max_iters=200,
+                   budget_s=budget_s).median_ms / calls
+
+
 PLAN_SUSTAINS = True    # from LIBRARY_ROWS, finalists are timed sustained (off: tools/switch_ab.py sustain=off)
 SUSTAIN_S = 0.24        # per finalist, at large batch: half to let the clock settle, half timed
 SUSTAIN_FINALISTS = 3

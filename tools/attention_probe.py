@@ -12,8 +12,7 @@ import sys
 
 import torch
 
-from engine.compile import _graphed
-from engine.timing import measure
+from engine.compile import graphed_ms
 from modeling import cuda_attention as ca
 
 PROBES = {"full": 0, "no tail": 1, "no stores": 8, "compute only": 2 | 8, "compute only, no tail": 1 | 2 | 8,
@@ -22,8 +21,8 @@ dev = torch.device("cuda")
 source = ca.source
 
 
-def timed(fn, calls=5):
-    return measure(_graphed(fn, calls), dev, warmup_s=0.05, min_iters=10, max_iters=200, budget_s=0.3).median_ms / calls
+def timed(fn):
+    return graphed_ms(fn, dev, budget_s=0.3)
 
 
 def main(batches, variants):

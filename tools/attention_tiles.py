@@ -9,8 +9,7 @@ import sys
 
 import torch
 
-from engine.compile import _graphed
-from engine.timing import measure
+from engine.compile import graphed_ms
 from modeling import kernels, ops
 from modeling.config import vit_config
 from modeling.kernels import AttentionTile
@@ -22,8 +21,8 @@ shapes = [a.split(":") for a in sys.argv[1:]] or (
     + [("vit_large_patch16_384", b) for b in (1, 4, 16, 64, 256)])
 
 
-def timed(fn, calls=5):
-    return measure(_graphed(fn, calls), dev, warmup_s=0.05, min_iters=10, max_iters=200, budget_s=0.12).median_ms / calls
+def timed(fn):
+    return graphed_ms(fn, dev, budget_s=0.12)
 
 
 for name, batch in shapes:

@@ -9,8 +9,7 @@ import sys
 
 import torch
 
-from engine.compile import _graphed
-from engine.timing import measure
+from engine.compile import graphed_ms
 from modeling import cuda_attention as ca
 from modeling import ops
 
@@ -18,8 +17,8 @@ dev = torch.device("cuda")
 torch.manual_seed(0)
 
 
-def timed(fn, calls=5):
-    return measure(_graphed(fn, calls), dev, warmup_s=0.05, min_iters=10, max_iters=200, budget_s=0.2).median_ms / calls
+def timed(fn):
+    return graphed_ms(fn, dev, budget_s=0.2)
 
 
 def rel(got, want):

@@ -16,8 +16,7 @@ import time
 import torch
 import cudnn
 
-from engine.compile import _graphed
-from engine.timing import measure
+from engine.compile import graphed_ms
 from modeling import ops
 from modeling.config import vit_config
 
@@ -27,8 +26,8 @@ MAX_CONFIGS_PER_ENGINE = 48
 print("cudnn backend", cudnn.backend_version(), "frontend", getattr(cudnn, "__version__", "?"))
 
 
-def timed(fn, calls=5):
-    return measure(_graphed(fn, calls), dev, warmup_s=0.05, min_iters=10, max_iters=200, budget_s=0.12).median_ms / calls
+def timed(fn):
+    return graphed_ms(fn, dev, budget_s=0.12)
 
 
 handle = cudnn.create_handle()

@@ -10,8 +10,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from engine.compile import _graphed
-from engine.timing import measure
+from engine.compile import graphed_ms
 from modeling import kernels
 from modeling.config import vit_config
 from modeling.ops import parse_gemm_tile
@@ -23,8 +22,8 @@ TILES = os.environ.get("GEMM_TILES", "").split()  # default: each site's plan ca
 SITES = os.environ.get("GEMM_SITES", "").split()  # default: all five
 
 
-def timed(fn, calls=5):
-    return measure(_graphed(fn, calls), dev, warmup_s=0.05, min_iters=10, max_iters=200, budget_s=0.12).median_ms / calls
+def timed(fn):
+    return graphed_ms(fn, dev, budget_s=0.12)
 
 
 for name, batch in shapes:

@@ -8,8 +8,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from engine.compile import _graphed
-from engine.timing import measure
+from engine.compile import graphed_ms
 from modeling import kernels
 from modeling.config import vit_config
 
@@ -18,8 +17,8 @@ shapes = [a.split(":") for a in sys.argv[1:]] or (
     [("vit_base_patch16_224", b) for b in (1, 8, 256)] + [("vit_large_patch16_384", b) for b in (1, 8, 256)])
 
 
-def timed(fn, calls=5):
-    return measure(_graphed(fn, calls), dev, warmup_s=0.05, min_iters=10, max_iters=200, budget_s=0.15).median_ms / calls
+def timed(fn):
+    return graphed_ms(fn, dev, budget_s=0.15)
 
 
 for name, batch in shapes:

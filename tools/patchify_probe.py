@@ -7,8 +7,7 @@ import sys
 
 import torch
 
-from engine.compile import _graphed
-from engine.timing import measure
+from engine.compile import graphed_ms
 from modeling import ops
 from modeling.config import vit_config
 
@@ -18,8 +17,8 @@ specs = [a.split(":") for a in sys.argv[1:]] or [
     ("vit_large_patch16_384", 1), ("vit_large_patch16_384", 256)]
 
 
-def timed(fn, calls=5):
-    return measure(_graphed(fn, calls), dev, warmup_s=0.05, min_iters=10, max_iters=200, budget_s=0.3).median_ms / calls
+def timed(fn):
+    return graphed_ms(fn, dev, budget_s=0.3)
 
 
 for name, batch in specs:
