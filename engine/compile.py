@@ -463,8 +463,8 @@ def runners_up(plan: ops.Plan, report: dict, close: float = REFINE_CLOSE, limit:
             if alternative == plan or _ours(name) in kinds:
                 continue
             kinds.add(_ours(name))
-            reach = library_close if chosen_is_ours and not _ours(name) else close
-            if times[name] <= best * (1 + max(close, reach)):
+            reach = max(close, library_close) if chosen_is_ours and not _ours(name) else close
+            if times[name] <= best * (1 + reach):
                 found.append((times[name] / best, f"{site}={name}", alternative))
     found.sort(key=lambda item: item[0])
     return {label: alternative for _, label, alternative in found[:limit]}
