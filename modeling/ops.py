@@ -36,7 +36,7 @@ EMBED_IMPLS = ("torch", "triton")
 class Plan:
     """Which implementation each op uses. The default is the plain-PyTorch reference."""
     norm: str = "torch"            # LayerNorm: torch's, or the Triton kernel (kernels.py)
-    norm_tile: str = ""            # the Triton LayerNorm's launch: rows per program and warps, e.g. "r2w4"
+    norm_tile: str = ""            # the Triton LayerNorm's launch: rows per step, warps, [programs], e.g. "r2w4"
                                    # ("": by size)
     mlp_act: str = "separate"      # fc1 + GELU: two kernels; GELU(tanh) in the cuBLASLt epilogue; or in our
                                    # GEMM's epilogue (fc1_tile), "triton" tanh, "triton_erf" exact
@@ -130,11 +130,13 @@ def layer_norm_reference(x, weight, bias, eps, shift=None):
 
 @functools.lru_cache(maxsize=None)
 def parse_norm_tile(text: str):
-    """"r2w4" -> (rows per program, warps), powers of two; ValueError when malformed."""
-    m = re.fullmatch(r"r(\d+)w(\d+)", text)
-    if not m or any(int(v) < 1 or int(v) & (int(v) - 1) for v in m.groups()) or int(m[2]) > 32:
-        raise ValueError(f"plan.norm_tile={text!r}; expected like r2w4 (powers of two, at most 32 warps)")
-    return int(m[1]), int(m[2])
+    """"r2w4" -> (rows per step, warps, 0), powers of two; "r4w4g132" -> (4, 4, 132): at most 132
+    programs, each walking row blocks in strides; ValueError when malformed."""
+    m = re.fullmatch(r"r(\d+)w(\d+)(?:g([1-9]\d*))?", text)
+    if not m or any(int(v) < 1 or int(v) & (int(v) - 1) for v in m.groups()[:2]) or int(m[2]) > 32:
+        raise ValueError(f"plan.norm_tile={text!r}; expected like r2w4 or r4w4g132 (powers of two, at most 32 "
+                         "warps; g: at most that many programs)")
+    return int(m[1]), int(m[2]), int(m[3] or 0)
 
 
 def layer_norm(x, weight, bias, eps, shift=None, impl="torch", out=None, tile=""):
@@ -143,8 +145,8 @@ def layer_norm(x, weight, bias, eps, shift=None, impl="torch", out=None, tile=""
     launched as `tile` says ("": by size)."""
     if impl == "triton":
         from . import kernels
-        rows, warps = parse_norm_tile(tile) if tile else (0, 0)
-        return kernels.layer_norm(x, weight, bias, eps, shift, out=out, rows=rows, num_warps=warps)
+        rows, warps, programs = parse_norm_tile(tile) if tile else (0, 0, 0)
+        return kernels.layer_norm(x, weight, bias, eps, shift, out=out, rows=rows, num_warps=warps, programs=programs)
     return layer_norm_reference(x, weight, bias, eps, shift)
 
 

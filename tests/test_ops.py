@@ -35,17 +35,17 @@ def test_triton_layer_norm_strided_rows_and_plain_semantics():
     assert torch.allclose(got, F.layer_norm(rows + s, (192,), w, b, 1e-5), atol=1e-5)
 
 
-@pytest.mark.parametrize("tile", ["r1w2", "r2w8", "r16w4", "r1w1"])
+@pytest.mark.parametrize("tile", ["r1w2", "r2w8", "r16w4", "r1w1", "r2w4g3", "r4w4g1"])
 def test_triton_layer_norm_launch_shapes(tile):
     """Every launch shape the plan may pick computes the same LayerNorm (rows that do not fill
-    the last program, rows narrower than the warps' reach)."""
+    the last program, rows narrower than the warps' reach, a grid smaller than the row blocks)."""
     from modeling import kernels
     g = torch.Generator().manual_seed(len(tile))
     x = torch.randn(37, 200, generator=g).half()
     w, b, s = (torch.randn(200, generator=g) for _ in range(3))
     assert _rel(ops.layer_norm(x, w, b, 1e-6, s, "triton", tile=tile), ops.layer_norm_reference(x, w, b, 1e-6, s)) < 2e-3
     assert set(kernels.norm_tiles(576)) == set(kernels.NORM_TILE_CANDIDATES) and kernels.norm_tiles(50176) == ()
-    for bad in ("r3w4", "r2", "r2w64", "w4r2", "r0w4"):
+    for bad in ("r3w4", "r2", "r2w64", "w4r2", "r0w4", "r2w4g0", "r2w4g"):
         with pytest.raises(ValueError, match="norm_tile"):
             ops.Plan(norm="triton", norm_tile=bad)
 

@@ -8,6 +8,7 @@ least energy. This measures both, per whole forward and per candidate of each pl
     python3 tools/power_probe.py forward MODEL:BATCH[:DTYPE] ...   engine graph and TIMM eager, sustained
     python3 tools/power_probe.py sites MODEL:BATCH [CLOSE=0.08] [SITE,...]   each site's candidates within
                                                      CLOSE of its best short timing, sustained alone
+    python3 tools/power_probe.py alone MODEL:BATCH SITE NAME ...  named candidates of one site, sustained alone
     python3 tools/power_probe.py swaps MODEL:BATCH SITE=NAME ...    the measured plan and each one-site
                                                      swap, whole forwards sustained in alternation
     python3 tools/power_probe.py ramp                  clock, power and the energy counter from idle into
@@ -190,6 +191,35 @@ def site_calls(model, batch, plan, site, names):
     return {name: call(name) for name in names}
 
 
+def sustain_site(nvml, model, batch, plan, site, names, times) -> dict:
+    """{name: sustained row} for each candidate `name` of one site, alone in a graph of ~10 ms."""
+    rows = {}
+    for label, fn in site_calls(model, batch, plan, site, names).items():
+        try:
+            fn()
+            ms = times.get(label) or (min(times.values()) if times else 1.0)
+            per_replay = max(1, int(10.0 / max(ms, 1e-3)))  # ~10 ms per replay
+            graph, _ = cp.capture_graph(lambda: [fn() for _ in range(per_replay)])
+        except (RuntimeError, ValueError) as err:
+            print(f"  {label}: does not run ({str(err)[:60]})")
+            continue
+        rows[label] = sustain(nvml, graph.replay, per_replay, f"{label} ({times.get(label, 0):.4f})")
+        del graph
+    return rows
+
+
+def alone(nvml, spec, site, names, rounds=2):
+    """Named candidates of one site (e.g. norm triton:r4w4g132), alone and sustained, in alternation."""
+    model, engine, batch = measured_engine(spec)
+    plan, times = engine.plan, dict(engine.info["measured"].get(site) or {})
+    print(f"{spec}: plan {plan}; {site} candidates {names}", flush=True)
+    del engine
+    with torch.no_grad():
+        for r in range(rounds):
+            print(f"round {r}", flush=True)
+            sustain_site(nvml, model, batch, plan, site, names, times)
+
+
 def sites(nvml, spec, close, only=None):
     model, engine, batch = measured_engine(spec)
     plan, report = engine.plan, engine.info["measured"]
@@ -213,18 +243,9 @@ def sites(nvml, spec, close, only=None):
             print(f"{site}: chosen {chosen[site]}; {len(names)} candidates within {close:.0%} (the plan's ms: "
                   "sustained for its finalists from engine 13, short for the others)",
                   flush=True)
-            for label, fn in site_calls(model, batch, plan, site, names).items():
-                try:
-                    fn()
-                    per_replay = max(1, int(10.0 / max(times.get(label, 1.0), 1e-3)))  # ~10 ms per replay
-                    graph, _ = cp.capture_graph(lambda: [fn() for _ in range(per_replay)])
-                except (RuntimeError, ValueError) as err:
-                    print(f"  {label}: does not run ({str(err)[:60]})")
-                    continue
-                row = sustain(nvml, graph.replay, per_replay, f"{label} ({times.get(label, 0):.4f})")
+            for label, row in sustain_site(nvml, model, batch, plan, site, names, times).items():
                 if label == chosen[site]:
                     per_block_j[site] = row["j"]
-                del graph
     depth = model.cfg.depth
     sum_j = depth * (sum(j for s, j in per_block_j.items() if s != "norm") + 2 * per_block_j.get("norm", 0))
     print(f"whole forward {whole['j']:.3f} J; the chosen kernels alone, summed over {depth} blocks: {sum_j:.3f} J",
@@ -296,13 +317,16 @@ def ramp(nvml):
 
 
 def main(argv):
-    if not argv or argv[0] not in ("forward", "sites", "swaps", "ramp") or (argv[0] != "ramp" and len(argv) < 2):
+    if not argv or argv[0] not in ("forward", "sites", "alone", "swaps", "ramp") or (argv[0] != "ramp" and len(argv) < 2) \
+            or (argv[0] == "alone" and len(argv) < 4):
         sys.exit(__doc__)
     nvml = Nvml(torch.cuda.current_device())
     if argv[0] == "forward":
         forward(nvml, argv[1:])
     elif argv[0] == "sites":
         sites(nvml, argv[1], float(argv[2]) if len(argv) > 2 else 0.08, argv[3].split(",") if len(argv) > 3 else None)
+    elif argv[0] == "alone":
+        alone(nvml, argv[1], argv[2], argv[3:])
     elif argv[0] == "swaps":
         swaps(nvml, argv[1], argv[2:])
     else:
