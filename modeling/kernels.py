@@ -75,9 +75,12 @@ def _launch(kernel, grid, *args, pdl: bool = False, **kwargs):
 
 @triton.jit
 def _layer_norm_kernel(X, Y, W, B, S, n_rows, n_cols, stride_x, stride_y, eps,
-                       HAS_SHIFT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                       HAS_SHIFT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                       RSTD_ONLY: tl.constexpr = False):
     # ROWS rows per step, each row whole in registers: one read and one write per element. A grid
     # smaller than the row blocks walks them in strides (fewer SMs busy on a memory-bound pass).
+    # RSTD_ONLY: Y gets each row's 1/std (float32) and nothing else, for a LayerNorm folded into the
+    # next GEMM's weights and the attention after it (ops.fold_norm).
     if PDL:  # launched early (programmatic dependent launch): wait for the kernel before
         gdc_wait()
         gdc_launch_dependents()
@@ -97,19 +100,24 @@ def _layer_norm_kernel(X, Y, W, B, S, n_rows, n_cols, stride_x, stride_y, eps,
         mean = tl.sum(x, axis=1) / n_cols
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
-        y = xc * rstd[:, None] * w[None, :] + b[None, :]
-        tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        if RSTD_ONLY:
+            tl.store(Y + rows, rstd, mask=rows < n_rows)
+        else:
+            y = xc * rstd[:, None] * w[None, :] + b[None, :]
+            tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                shift: torch.Tensor | None = None, out: torch.Tensor | None = None,
-               rows: int = 0, num_warps: int = 0, programs: int = 0) -> torch.Tensor:
+               rows: int = 0, num_warps: int = 0, programs: int = 0, rstd_only: bool = False) -> torch.Tensor:
     """LayerNorm over the last dim of a 2-D (rows, cols) tensor whose rows may be strided; `rows`
-    per step and `num_warps` (0: by size); `programs` caps the grid (0: one program per row block)."""
+    per step and `num_warps` (0: by size); `programs` caps the grid (0: one program per row block).
+    rstd_only: `out` gets each row's 1/std in float32, (rows,), instead."""
     assert x.dim() == 2 and x.stride(1) == 1, "layer_norm wants a 2-D tensor with contiguous rows"
     n_rows, n_cols = x.shape
     if out is None:
-        out = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype)
+        out = torch.empty((n_rows,) if rstd_only else (n_rows, n_cols), device=x.device,
+                          dtype=torch.float32 if rstd_only else x.dtype)
     block = triton.next_power_of_2(n_cols)
     # about 4K elements per program keeps registers modest and programs plentiful
     rows = rows or max(1, min(16, 4096 // block))
@@ -119,7 +127,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     _launch(
         _layer_norm_kernel, grid, x, out, weight, bias, shift if shift is not None else weight, n_rows, n_cols,
         x.stride(0), out.stride(0), eps, HAS_SHIFT=shift is not None, ROWS=rows, BLOCK=block,
-        num_warps=num_warps, pdl=use_pdl(x.device))
+        num_warps=num_warps, pdl=use_pdl(x.device), RSTD_ONLY=rstd_only)
     return out
 
 

@@ -150,6 +150,31 @@ def layer_norm(x, weight, bias, eps, shift=None, impl="torch", out=None, tile=""
     return layer_norm_reference(x, weight, bias, eps, shift)
 
 
+def layer_norm_rstd(x, eps, shift=None, impl="torch", out=None, tile=""):
+    """Each row's 1/std (of x + shift), float32: what a LayerNorm folded into the next GEMM still needs."""
+    if impl == "triton":
+        from . import kernels
+        rows, warps, programs = parse_norm_tile(tile) if tile else (0, 0, 0)
+        return kernels.layer_norm(x, x, x, eps, shift, out=out, rows=rows, num_warps=warps, programs=programs,
+                                  rstd_only=True)  # (x stands in for the unread weight and bias)
+    x32 = x.float() if shift is None else x.float() + shift.float()
+    return torch.rsqrt(x32.var(dim=-1, unbiased=False) + eps)
+
+
+def fold_norm(weight, bias, shift, linear_weight, linear_bias):
+    """LayerNorm(x + shift) @ W.T + b rewritten as rstd(x + shift) * (x @ W2.T + c) + b2, with
+    W2 = W diag(weight) minus each row's mean (the mean subtraction, done inside the GEMM in float32),
+    c = W2 @ shift (the GEMM's bias) and b2 = W @ bias + b (float32). The GEMM then reads the residual
+    stream itself: no normalized copy is written and read back, and the one per-token factor left is
+    applied by the consumer (the CUDA attention's folded variants, perf-notes attempt 58).
+    Returns (W2 in W's dtype, c in W's dtype, b2)."""
+    w = linear_weight.double() * weight.double()[None, :]
+    w2 = w - w.mean(dim=1, keepdim=True)
+    c = w2 @ (shift.double() if shift is not None else torch.zeros(w.shape[1], dtype=torch.float64, device=w.device))
+    b2 = linear_weight.double() @ bias.double() + (linear_bias.double() if linear_bias is not None else 0.0)
+    return w2.to(linear_weight.dtype), c.to(linear_weight.dtype), b2.float()
+
+
 # --- linear layers ----------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)  # called on every forward outside a CUDA graph
@@ -274,17 +299,22 @@ def attention_reference(qkv, batch, heads, head_dim):
     return out.transpose(1, 2).reshape(qkv.shape[0], heads * head_dim).to(qkv.dtype)
 
 
-def attention(qkv, batch, heads, head_dim, impl="auto", tile="", out=None):
+def attention(qkv, batch, heads, head_dim, impl="auto", tile="", out=None, rstd=None, bias=None):
     """Multi-head self-attention on the fused QKV output: our Triton kernel (launched with `tile`,
     or a tile chosen by shape), our CUDA C++ kernel for short sequences on Hopper ("cuda"), or
-    SDPA on strided views with the backend chosen by the caller's `sdpa_backend` context."""
+    SDPA on strided views with the backend chosen by the caller's `sdpa_backend` context.
+    With `rstd` and `bias` (fold_norm), q, k and v are rstd[token] * qkv + bias: the CUDA kernel's
+    folded variants do that inside; the others get the product written out first."""
+    if rstd is not None and not (impl == "cuda" and tile.endswith("n")):
+        qkv = (rstd[:, None] * qkv.float() + bias.float()).to(qkv.dtype)
+        rstd = bias = None
     if impl == "triton":
         from . import kernels
         return kernels.attention(qkv, batch, heads, head_dim, tile=parse_attention_tile(tile) if tile else None,
                                  out=out)
     if impl == "cuda":  # Hopper, <= 256 tokens (cuda_attention.supported)
         from . import cuda_attention
-        return cuda_attention.attention(qkv, batch, heads, out=out, variant=tile or "w2s2")
+        return cuda_attention.attention(qkv, batch, heads, out=out, variant=tile or "w2s2", rstd=rstd, bias=bias)
     q, k, v = split_qkv(qkv, batch, heads, head_dim)
     out = F.scaled_dot_product_attention(q, k, v)
     # flash and cuDNN lay the output out as (B, T, H, hd): this reshape is then a free view

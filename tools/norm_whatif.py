@@ -1,0 +1,95 @@
+"""What could folding LayerNorm into its neighbours save? (perf-notes attempt 58.) Whole ViT forwards,
+sustained at the power cap, with the measured plan and with one LayerNorm of every block either
+removed (the next GEMM reads the residual stream as it is) or replaced by a statistics-only pass
+(reads the rows, writes a mean and a reciprocal std per row: what a fold into the next kernel
+still needs). The logits of the altered forwards are wrong by design; only their time and energy
+mean anything, as upper bounds for a fold whose consumer absorbs the normalization for free.
+
+    python3 tools/norm_whatif.py MODEL:BATCH [ROUNDS]
+"""
+import statistics
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+import modeling  # noqa: F401
+from engine import compile as cp
+from modeling import ops, vision_transformer as vt
+from power_probe import Nvml, measured_engine, sustain
+
+
+@triton.jit
+def _row_stats_kernel(X, STATS, n_rows, n_cols, stride_x, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / n_cols
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
+    tl.store(STATS + rows * 2, mean, mask=rows < n_rows)
+    tl.store(STATS + rows * 2 + 1, rstd, mask=rows < n_rows)
+
+
+def row_stats(x, stats, eps=1e-6):
+    n_rows, n_cols = x.shape
+    _row_stats_kernel[(triton.cdiv(n_rows, 4),)](x, stats, n_rows, n_cols, x.stride(0), eps, ROWS=4,
+                                                  BLOCK=triton.next_power_of_2(n_cols), num_warps=4)
+
+
+def block_forward(which: str, mode: str, stats):
+    """Block.forward with norm `which` (1 or 2) removed ("skip") or replaced by row statistics ("stats")."""
+    def forward(self, x, batch, plan, arena=None):
+        d, inner = x.shape[1], self.heads * self.head_dim
+
+        def norm(module):
+            if str(which) not in ("both", "1" if module is self.norm1 else "2"):
+                return module(x, plan, out=vt._slot(arena, "narrow", d))
+            if mode == "stats":
+                row_stats(x, stats)
+            return x
+        qkv = self.qkv(norm(self.norm1), plan, out=vt._slot(arena, "wide", 3 * inner))
+        attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile,
+                                      out=vt._slot(arena, "narrow", inner))
+        x = self.proj(attn, plan, residual=x)
+        hidden = self.fc1(norm(self.norm2), plan, out=vt._slot(arena, "wide", self.fc1.weight.shape[0]))
+        return self.fc2(hidden, plan, residual=x)
+    return forward
+
+
+def main(spec, rounds=3):
+    nvml = Nvml(torch.cuda.current_device())
+    model, engine, batch = measured_engine(spec)
+    print(f"{spec}: plan {engine.plan}", flush=True)
+    model.set_plan(engine.plan)
+    images, arena = engine._static_in, cp.ActivationArena(model.cfg, batch, engine._static_in.dtype,
+                                                          engine._static_in.device)
+    del engine
+    stats = torch.empty(arena.rows, 2, device=images.device, dtype=torch.float32)
+    original = vt.Block.forward
+    graphs = {}
+    with torch.no_grad():
+        for label, which, mode in [("plan", None, None), ("norm1 stats only", 1, "stats"), ("norm1 removed", 1, "skip"),
+                                   ("norm2 stats only", 2, "stats"), ("both stats only", "both", "stats")]:
+            vt.Block.forward = original if which is None else block_forward(which, mode, stats)
+            graphs[label], out = cp.capture_graph(lambda: model(images, arena))
+            graphs[label].replay()
+            print(f"{label}: logits finite {bool(torch.isfinite(out).all())}, max {out.abs().max().item():.1f}",
+                  flush=True)
+    vt.Block.forward = original
+    rows = {label: [] for label in graphs}
+    for r in range(rounds):
+        for label, graph in graphs.items():
+            rows[label].append(sustain(nvml, graph.replay, 1, f"round {r} {label}"))
+    base = statistics.median(row["ms"] for row in rows["plan"])
+    for label, got in rows.items():
+        ms, j = statistics.median(row["ms"] for row in got), statistics.median(row["j"] for row in got)
+        print(f"{label:24s} {ms:8.3f} ms ({ms / base:.3f} of the plan's) {j:7.3f} J", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)
