@@ -24,14 +24,13 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "16"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+ENGINE_VERSION = "15"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
 # 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
 # 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%;
 # 9: cuBLASLt algorithms beyond its heuristic's first; 10: Triton kernels by programmatic dependent launch;
 # 11: explicit cuBLASLt configurations beside the heuristic's (cublaslt.EXTRA_CONFIGS); 12: Triton patchify and
 # token assembly (plan.embed); 13: large-batch finalists timed sustained, at the power cap; 14: the CUDA C++
-# attention kernel for <= 256 tokens (cuda_attention) among the candidates; 15: its output by TMA store, w2s2 timed again;
-# 16: norm1 folded into the QKV GEMM and that kernel where it runs
+# attention kernel for <= 256 tokens (cuda_attention) among the candidates; 15: its output by TMA store, w2s2 timed again
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -153,7 +152,6 @@ def graphed_ms(fn, device, budget_s: float = 0.12, calls: int = 5) -> float:
                    budget_s=budget_s).median_ms / calls
 
 
-FOLD_NORM1 = True       # where the plan takes the CUDA attention, norm1 folds into it (ops.fold_norm)
 PLAN_SUSTAINS = True    # from LIBRARY_ROWS, finalists are timed sustained (off: tools/switch_ab.py sustain=off)
 SUSTAIN_S = 0.24        # per finalist, at large batch: half to let the clock settle, half timed
 SUSTAIN_FINALISTS = 3
@@ -391,8 +389,6 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     phase("qkv, proj, fc2")
     attention, t_attn = _fastest({**sdpa, **triton_attention, **cuda_attn}, dev, use_graph, sustain_s=sustain)
     attention, _, tile = attention.partition(":")
-    if FOLD_NORM1 and attention == "cuda" and norm == "triton":
-        tile += "n"  # norm1 folded into the QKV GEMM and this kernel (perf-notes attempt 58)
     phase("attention")
     # the embedding's two copies are not timed: our kernels ran at the copy floor, torch's at 38-54% of
     # its bandwidth, at every size measured (perf-notes attempt 44)

@@ -30,8 +30,6 @@ def _acc_constraints(name: str, count: int) -> str:
 
 
 KNOWN_VARIANTS = ("w2s2", "w2s2p", "w1s1")  # consumer warpgroups, stages, ping-pong: see source()
-# any of them + "n": LayerNorm folded in (fold_norm below): qkv holds the un-normalized product, and the
-# kernel applies each token's 1/std and the bias
 MANY_HEADS_PER_SM = 4  # from here the kernel leads cuDNN by 1.3x and our Triton tiles by 1.4x (attempt 53)
 
 
@@ -42,13 +40,10 @@ def variants(units: int, sms: int) -> tuple:
 
 
 def parse_variant(text: str) -> tuple:
-    """"w2s2p" -> (2, 2, True, False), "w2s2n" -> (2, 2, False, True): warpgroups, stages, ping-pong,
-    LayerNorm folded in; ValueError when not one of KNOWN_VARIANTS, with or without "n"."""
-    if text.removesuffix("n") not in KNOWN_VARIANTS:
-        raise ValueError(f"cuda attention variant {text!r}; one of {', '.join(KNOWN_VARIANTS)}, each with or "
-                         "without n")
-    base = text.removesuffix("n")
-    return int(base[1]), int(base[3]), base.endswith("p"), text.endswith("n")
+    """"w2s2p" -> (2, 2, True); ValueError when not one of KNOWN_VARIANTS."""
+    if text not in KNOWN_VARIANTS:
+        raise ValueError(f"cuda attention variant {text!r}; one of {', '.join(KNOWN_VARIANTS)}")
+    return int(text[1]), int(text[3]), text.endswith("p")
 
 
 def _layout(seq: int) -> tuple:
@@ -65,7 +60,7 @@ def source(seq: int, heads: int, dtype: torch.dtype = torch.float16, variant: st
     one's softmax runs under the other's MMAs (FA3's ping-pong; where both have as many tiles);
     w1s1: two CTAs per SM of one warpgroup and one stage each, which overlap each other's loads."""
     kind = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
-    wgs, stages, pingpong, fold = parse_variant(variant)
+    wgs, stages, pingpong = parse_variant(variant)
     keys, q_rows, stage = _layout(seq)
     q_tiles = q_rows // 64
     s_regs = keys // 2                 # m64 x n(keys) float32 accumulator: keys / 2 registers a thread
@@ -80,12 +75,9 @@ def source(seq: int, heads: int, dtype: torch.dtype = torch.float16, variant: st
 #define KV_BYTES {kv_bytes}
 #define STAGE_BYTES {stage}
 #define KIND "{kind}"
-{"#define KIND_BF16" if kind == "bf16" else ""}
 #define WGS {wgs}
 #define STAGES {stages}
 #define PINGPONG {int(pingpong and q_tiles % 2 == 0)}
-#define FOLD {int(fold)}             // LayerNorm folded in: q, k, v = rstd * qkv + bias (only q's and v's bias
-                                    // matter: k's adds a constant per query row, which softmax drops)
 #ifndef PROBE                   // bits that switch parts off, for timing only (tools/attention_probe.py):
 #define PROBE 0                 // 1 the last query tile's MMAs and softmax, 2 loads after the first
 #endif                          // stages, 4 all compute, 8 the output stores, 16 all MMAs and softmax
@@ -128,15 +120,6 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {{
     return r;
 }}
 
-__device__ __forceinline__ void unpack2(unsigned v, float& lo, float& hi) {{
-#if defined(KIND_BF16)
-    lo = __uint_as_float(v << 16);
-    hi = __uint_as_float(v & 0xffff0000u);
-#else
-    asm("{{\n.reg .f16 a, b;\nmov.b32 {{a, b}}, %2;\ncvt.f32.f16 %0, a;\ncvt.f32.f16 %1, b;\n}}\n" : "=f"(lo), "=f"(hi) : "r"(v));
-#endif
-}}
-
 __device__ __forceinline__ void issue(int unit, unsigned base, unsigned bar, const void* map_q, const void* map_kv) {{
     int b = unit / HEADS, col = (unit % HEADS) * 64;
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(Q_BYTES + 2 * KV_BYTES)
@@ -147,34 +130,12 @@ __device__ __forceinline__ void issue(int unit, unsigned base, unsigned bar, con
 }}
 
 extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attention(const void* map_q, const void* map_kv,
-                                                                      const void* map_o, int units,
-                                                                      const float* rstd, const float* bias) {{
+                                                                      const void* map_o, int units) {{
     extern __shared__ unsigned char raw_smem[];
     unsigned base = (smem_u32(raw_smem) + 1023) & ~1023u;     // 128-byte swizzle wants 1024-byte tiles
     unsigned o_smem = base + STAGES * STAGE_BYTES;             // one 64 x 64 output tile per warpgroup
     unsigned bars = o_smem + WGS * 8192;
     int t = threadIdx.x, wg = t / 128, w = (t % 128) / 32, l = t % 32;
-    // FOLD: each head's token 1/std in shared memory, two buffers (this head's, the next one's), zero
-    // past SEQ; a thread holds the values for the head after next in registers meanwhile
-    float* rs = reinterpret_cast<float*>(raw_smem + (bars + 16 - smem_u32(raw_smem)));
-    constexpr int R_EACH = 256 / (128 * WGS);
-    float r_next[R_EACH];
-    auto load_r = [&](int unit) {{
-        #pragma unroll
-        for (int i = 0; i < R_EACH; ++i) {{
-            int row = t + 128 * WGS * i;
-            r_next[i] = (FOLD && unit < units && row < SEQ) ? __ldg(rstd + (long)(unit / HEADS) * SEQ + row) : 0.f;
-        }}
-    }};
-    auto store_r = [&](int buf) {{
-        #pragma unroll
-        for (int i = 0; i < R_EACH; ++i) rs[256 * buf + t + 128 * WGS * i] = r_next[i];
-    }};
-    if (FOLD) {{
-        load_r(blockIdx.x);
-        store_r(0);
-        load_r(blockIdx.x + gridDim.x);
-    }}
     if (t == 0) {{
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(bars) : "memory");
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(bars + 8) : "memory");
@@ -196,31 +157,9 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
             wait_phase(bars + 8 * s, STAGES == 2 ? (it >> 1) & 1 : it & 1);
         unsigned q_smem = stage, k_smem = stage + Q_BYTES, v_smem = stage + Q_BYTES + KV_BYTES;
         int b = unit / HEADS, col = (unit % HEADS) * 64;
-        const float* r_head = rs + 256 * (it & 1);
         for (int qt = wg; qt < Q_TILES; qt += WGS) {{
             if (PROBE & 4) continue;
             const bool skip = ((PROBE & 1) && qt == Q_TILES - 1) || (PROBE & 16);
-            if (FOLD) {{                                          // q = rstd * q + bias, in place in the tile
-                #pragma unroll
-                for (int i = 0; i < 4; ++i) {{
-                    int chunk = (t % 128) + 128 * i, row = chunk / 8, j = chunk % 8;   // logical 16-byte chunk j
-                    unsigned at = q_smem + qt * 8192 + row * 128 + ((j ^ (row & 7)) << 4);
-                    uint4 v;
-                    asm volatile("ld.shared.v4.u32 {{%0, %1, %2, %3}}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(at));
-                    float r = r_head[qt * 64 + row];
-                    const float4* bq = reinterpret_cast<const float4*>(bias + col + 8 * j);
-                    float4 b0 = __ldg(bq), b1 = __ldg(bq + 1);
-                    float x0, x1, x2, x3, x4, x5, x6, x7;
-                    unpack2(v.x, x0, x1); unpack2(v.y, x2, x3); unpack2(v.z, x4, x5); unpack2(v.w, x6, x7);
-                    v.x = pack_half2(fmaf(r, x0, b0.x), fmaf(r, x1, b0.y));
-                    v.y = pack_half2(fmaf(r, x2, b0.z), fmaf(r, x3, b0.w));
-                    v.z = pack_half2(fmaf(r, x4, b1.x), fmaf(r, x5, b1.y));
-                    v.w = pack_half2(fmaf(r, x6, b1.z), fmaf(r, x7, b1.w));
-                    asm volatile("st.shared.v4.u32 [%0], {{%1, %2, %3, %4}};\n" :: "r"(at), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
-                }}
-                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // visible to wgmma
-                asm volatile("bar.sync %0, 128;\n" :: "r"(3 + wg) : "memory");
-            }}
             float acc[S_REGS];
             TURN_WAIT();
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -243,13 +182,6 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
             float m0 = -1e30f, m1 = -1e30f;
             float l0 = 1.f, l1 = 1.f;
             unsigned p[S_REGS / 2];
-            if (FOLD) {{                                          // k = rstd * k (+ bias: dropped, see FOLD)
-                #pragma unroll
-                for (int c = 0; c < KEYS / 8; ++c) {{
-                    float2 r = *reinterpret_cast<const float2*>(r_head + 8 * c + 2 * (l % 4));
-                    acc[4 * c] *= r.x; acc[4 * c + 1] *= r.y; acc[4 * c + 2] *= r.x; acc[4 * c + 3] *= r.y;
-                }}
-            }}
             if (skip || qt * 64 + 16 * w >= SEQ) {{          // a warp whose 16 rows are all padding:
                 #pragma unroll                                    // no softmax, zeros into P V
                 for (int i = 0; i < S_REGS / 2; ++i) p[i] = 0u;
@@ -280,10 +212,6 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
                 float b0 = exp2f(fmaf(acc[4 * c + 2], scale, -ms1)), b1 = exp2f(fmaf(acc[4 * c + 3], scale, -ms1));
                 l0 += a0 + a1;
                 l1 += b0 + b1;
-                if (FOLD) {{                                      // v = rstd * v + bias: rstd goes on P,
-                    float2 r = *reinterpret_cast<const float2*>(r_head + 8 * c + 2 * (l % 4));   // bias after
-                    a0 *= r.x; a1 *= r.y; b0 *= r.x; b1 *= r.y;
-                }}
                 p[2 * c] = pack_half2(a0, a1);
                 p[2 * c + 1] = pack_half2(b0, b1);
             }}
@@ -323,11 +251,9 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
                 #pragma unroll
                 for (int j = 0; j < 8; ++j) {{                     // 16-byte chunk j sits at j ^ (row % 8)
                     unsigned at = tile + r * 128 + ((j ^ (r & 7)) << 4) + (l % 4) * 4;
-                    float2 bv = FOLD ? __ldg(reinterpret_cast<const float2*>(bias + 2 * HEADS * 64 + col + 8 * j + 2 * (l % 4)))
-                                     : make_float2(0.f, 0.f);
-                    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(at), "r"(pack_half2(fmaf(o[4 * j], inv0, bv.x), fmaf(o[4 * j + 1], inv0, bv.y)))
+                    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(at), "r"(pack_half2(o[4 * j] * inv0, o[4 * j + 1] * inv0))
                                  : "memory");
-                    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(at + 1024), "r"(pack_half2(fmaf(o[4 * j + 2], inv1, bv.x), fmaf(o[4 * j + 3], inv1, bv.y)))
+                    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(at + 1024), "r"(pack_half2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1))
                                  : "memory");
                 }}
                 asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // visible to the TMA unit
@@ -335,10 +261,6 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
                 if (t % 128 == 0)
                     tma_store(map_o, tile, col, qt * 64, b);
             }}
-        }}
-        if (FOLD) {{                                              // the next head's 1/std, published by the barrier
-            store_r((it + 1) & 1);
-            load_r(unit + 2 * gridDim.x);
         }}
         __syncthreads();                                          // this stage is free for the head after next
         if (STAGES == 1 && t == 0 && unit + (int)gridDim.x < units && !(PROBE & 2))
@@ -353,10 +275,10 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
 
 
 def shared_bytes(seq: int, variant: str = "w2s2") -> int:
-    """Dynamic shared memory: the stages, an output tile per warpgroup, two mbarriers, two heads'
-    1/std (the folded variants), and room to align the first tile to 1024."""
-    wgs, stages, _, fold = parse_variant(variant)
-    return stages * _layout(seq)[2] + wgs * 8192 + 16 + fold * 2048 + 1024
+    """Dynamic shared memory: the stages, an output tile per warpgroup, two mbarriers, and room to
+    align the first tile to 1024."""
+    wgs, stages, _ = parse_variant(variant)
+    return stages * _layout(seq)[2] + wgs * 8192 + 16 + 1024
 
 
 def supported(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -419,22 +341,14 @@ def _encode_tensor_map(ptr: int, shape: tuple, stride: tuple, dtype: torch.dtype
 
 
 def attention(qkv: torch.Tensor, batch: int, heads: int, out: torch.Tensor | None = None,
-              variant: str = "w2s2", rstd: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+              variant: str = "w2s2") -> torch.Tensor:
     """softmax(q k^T / 8) v per head from the fused (B * T, 3 * H * 64) QKV rows; (B * T, H * 64) out.
-    A folded variant ("...n") reads q, k, v as rstd[token] * qkv + bias (float32, (B * T,) and (3 * H * 64,)):
-    the QKV GEMM's product of the un-normalized tokens with fold_norm's weights.
     The TMA descriptors are made per address on first use, outside graph capture: a call captured in
     a CUDA graph needs the qkv and `out` buffers of an earlier uncaptured call."""
     rows = qkv.shape[0]
     seq = rows // batch
     assert qkv.stride(1) == 1 and supported(seq, HEAD_DIM, qkv.dtype, qkv.device), \
         "cuda_attention wants sm_90, head dim 64, <= 256 tokens, float16/bfloat16, contiguous rows"
-    wgs, stages, _, fold = parse_variant(variant)
-    if fold != (rstd is not None and bias is not None):
-        raise ValueError(f"cuda attention variant {variant!r}: rstd and bias go with a folded variant (n), and only "
-                         "with one")
-    if fold:
-        assert rstd.dtype == bias.dtype == torch.float32 and rstd.numel() == rows and bias.numel() == 3 * heads * HEAD_DIM
     if out is None:
         out = torch.empty(rows, heads * HEAD_DIM, device=qkv.device, dtype=qkv.dtype)
     kernel = _kernel(seq, heads, qkv.dtype, variant, qkv.device.index or 0)
@@ -445,9 +359,9 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, out: torch.Tensor | Non
     keys, q_rows, _ = _layout(seq)
     maps = (_tensor_map(view, q_rows), _tensor_map(view, keys),
             _tensor_map(out.view(batch, seq, heads * HEAD_DIM), 64))
+    wgs, stages, _ = parse_variant(variant)
     sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count
     units = batch * heads
-    folded = (rstd, bias) if fold else (maps[0], maps[0])  # unread without the fold
-    kernel(grid=(min(units, sms * (3 - stages)), 1, 1), block=(128 * wgs, 1, 1), args=[*maps, units, *folded],
+    kernel(grid=(min(units, sms * (3 - stages)), 1, 1), block=(128 * wgs, 1, 1), args=[*maps, units],
            shared_mem=shared_bytes(seq, variant))
     return out

@@ -75,59 +75,46 @@ def _launch(kernel, grid, *args, pdl: bool = False, **kwargs):
 
 @triton.jit
 def _layer_norm_kernel(X, Y, W, B, S, n_rows, n_cols, stride_x, stride_y, eps,
-                       HAS_SHIFT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
-                       RSTD_ONLY: tl.constexpr = False):
-    # ROWS rows per step, each row whole in registers: one read and one write per element. A grid
-    # smaller than the row blocks walks them in strides (fewer SMs busy on a memory-bound pass).
-    # RSTD_ONLY: Y gets each row's 1/std (float32) and nothing else, for a LayerNorm folded into the
-    # next GEMM's weights and the attention after it (ops.fold_norm).
+                       HAS_SHIFT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    # ROWS rows per program, each row whole in registers: one read and one write per element.
     if PDL:  # launched early (programmatic dependent launch): wait for the kernel before
         gdc_wait()
         gdc_launch_dependents()
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     col_ok = cols < n_cols
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_SHIFT:
         # the residual stream is stored without the biases of the residual GEMMs (see ops.py)
-        shift = tl.load(S + cols, mask=col_ok, other=0.0).to(tl.float32)
-    for block in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
-        rows = block * ROWS + tl.arange(0, ROWS)
-        mask = (rows < n_rows)[:, None] & col_ok[None, :]
-        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_SHIFT:
-            x += shift[None, :]
-        mean = tl.sum(x, axis=1) / n_cols
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
-        if RSTD_ONLY:
-            tl.store(Y + rows, rstd, mask=rows < n_rows)
-        else:
-            y = xc * rstd[:, None] * w[None, :] + b[None, :]
-            tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        x += tl.load(S + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    mean = tl.sum(x, axis=1) / n_cols
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                shift: torch.Tensor | None = None, out: torch.Tensor | None = None,
-               rows: int = 0, num_warps: int = 0, programs: int = 0, rstd_only: bool = False) -> torch.Tensor:
+               rows: int = 0, num_warps: int = 0) -> torch.Tensor:
     """LayerNorm over the last dim of a 2-D (rows, cols) tensor whose rows may be strided; `rows`
-    per step and `num_warps` (0: by size); `programs` caps the grid (0: one program per row block).
-    rstd_only: `out` gets each row's 1/std in float32, (rows,), instead."""
+    per program and `num_warps` (0: by size)."""
     assert x.dim() == 2 and x.stride(1) == 1, "layer_norm wants a 2-D tensor with contiguous rows"
     n_rows, n_cols = x.shape
     if out is None:
-        out = torch.empty((n_rows,) if rstd_only else (n_rows, n_cols), device=x.device,
-                          dtype=torch.float32 if rstd_only else x.dtype)
+        out = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype)
     block = triton.next_power_of_2(n_cols)
     # about 4K elements per program keeps registers modest and programs plentiful
     rows = rows or max(1, min(16, 4096 // block))
     num_warps = num_warps or (4 if block * rows <= 4096 else 8)
-    blocks = triton.cdiv(n_rows, rows)
-    grid = (min(blocks, programs) if programs else blocks,)
+    grid = (triton.cdiv(n_rows, rows),)
     _launch(
         _layer_norm_kernel, grid, x, out, weight, bias, shift if shift is not None else weight, n_rows, n_cols,
         x.stride(0), out.stride(0), eps, HAS_SHIFT=shift is not None, ROWS=rows, BLOCK=block,
-        num_warps=num_warps, pdl=use_pdl(x.device), RSTD_ONLY=rstd_only)
+        num_warps=num_warps, pdl=use_pdl(x.device))
     return out
 
 

@@ -36,7 +36,7 @@ EMBED_IMPLS = ("torch", "triton")
 class Plan:
     """Which implementation each op uses. The default is the plain-PyTorch reference."""
     norm: str = "torch"            # LayerNorm: torch's, or the Triton kernel (kernels.py)
-    norm_tile: str = ""            # the Triton LayerNorm's launch: rows per step, warps, [programs], e.g. "r2w4"
+    norm_tile: str = ""            # the Triton LayerNorm's launch: rows per program and warps, e.g. "r2w4"
                                    # ("": by size)
     mlp_act: str = "separate"      # fc1 + GELU: two kernels; GELU(tanh) in the cuBLASLt epilogue; or in our
                                    # GEMM's epilogue (fc1_tile), "triton" tanh, "triton_erf" exact
@@ -130,13 +130,11 @@ def layer_norm_reference(x, weight, bias, eps, shift=None):
 
 @functools.lru_cache(maxsize=None)
 def parse_norm_tile(text: str):
-    """"r2w4" -> (rows per step, warps, 0), powers of two; "r4w4g132" -> (4, 4, 132): at most 132
-    programs, each walking row blocks in strides; ValueError when malformed."""
-    m = re.fullmatch(r"r(\d+)w(\d+)(?:g([1-9]\d*))?", text)
-    if not m or any(int(v) < 1 or int(v) & (int(v) - 1) for v in m.groups()[:2]) or int(m[2]) > 32:
-        raise ValueError(f"plan.norm_tile={text!r}; expected like r2w4 or r4w4g132 (powers of two, at most 32 "
-                         "warps; g: at most that many programs)")
-    return int(m[1]), int(m[2]), int(m[3] or 0)
+    """"r2w4" -> (rows per program, warps), powers of two; ValueError when malformed."""
+    m = re.fullmatch(r"r(\d+)w(\d+)", text)
+    if not m or any(int(v) < 1 or int(v) & (int(v) - 1) for v in m.groups()) or int(m[2]) > 32:
+        raise ValueError(f"plan.norm_tile={text!r}; expected like r2w4 (powers of two, at most 32 warps)")
+    return int(m[1]), int(m[2])
 
 
 def layer_norm(x, weight, bias, eps, shift=None, impl="torch", out=None, tile=""):
@@ -145,34 +143,9 @@ def layer_norm(x, weight, bias, eps, shift=None, impl="torch", out=None, tile=""
     launched as `tile` says ("": by size)."""
     if impl == "triton":
         from . import kernels
-        rows, warps, programs = parse_norm_tile(tile) if tile else (0, 0, 0)
-        return kernels.layer_norm(x, weight, bias, eps, shift, out=out, rows=rows, num_warps=warps, programs=programs)
+        rows, warps = parse_norm_tile(tile) if tile else (0, 0)
+        return kernels.layer_norm(x, weight, bias, eps, shift, out=out, rows=rows, num_warps=warps)
     return layer_norm_reference(x, weight, bias, eps, shift)
-
-
-def layer_norm_rstd(x, eps, shift=None, impl="torch", out=None, tile=""):
-    """Each row's 1/std (of x + shift), float32: what a LayerNorm folded into the next GEMM still needs."""
-    if impl == "triton":
-        from . import kernels
-        rows, warps, programs = parse_norm_tile(tile) if tile else (0, 0, 0)
-        return kernels.layer_norm(x, x, x, eps, shift, out=out, rows=rows, num_warps=warps, programs=programs,
-                                  rstd_only=True)  # (x stands in for the unread weight and bias)
-    x32 = x.float() if shift is None else x.float() + shift.float()
-    return torch.rsqrt(x32.var(dim=-1, unbiased=False) + eps)
-
-
-def fold_norm(weight, bias, shift, linear_weight, linear_bias):
-    """LayerNorm(x + shift) @ W.T + b rewritten as rstd(x + shift) * (x @ W2.T + c) + b2, with
-    W2 = W diag(weight) minus each row's mean (the mean subtraction, done inside the GEMM in float32),
-    c = W2 @ shift (the GEMM's bias) and b2 = W @ bias + b (float32). The GEMM then reads the residual
-    stream itself: no normalized copy is written and read back, and the one per-token factor left is
-    applied by the consumer (the CUDA attention's folded variants, perf-notes attempt 58).
-    Returns (W2 in W's dtype, c in W's dtype, b2)."""
-    w = linear_weight.double() * weight.double()[None, :]
-    w2 = w - w.mean(dim=1, keepdim=True)
-    c = w2 @ (shift.double() if shift is not None else torch.zeros(w.shape[1], dtype=torch.float64, device=w.device))
-    b2 = linear_weight.double() @ bias.double() + (linear_bias.double() if linear_bias is not None else 0.0)
-    return w2.to(linear_weight.dtype), c.to(linear_weight.dtype), b2.float()
 
 
 # --- linear layers ----------------------------------------------------------------------------
@@ -299,22 +272,17 @@ def attention_reference(qkv, batch, heads, head_dim):
     return out.transpose(1, 2).reshape(qkv.shape[0], heads * head_dim).to(qkv.dtype)
 
 
-def attention(qkv, batch, heads, head_dim, impl="auto", tile="", out=None, rstd=None, bias=None):
+def attention(qkv, batch, heads, head_dim, impl="auto", tile="", out=None):
     """Multi-head self-attention on the fused QKV output: our Triton kernel (launched with `tile`,
     or a tile chosen by shape), our CUDA C++ kernel for short sequences on Hopper ("cuda"), or
-    SDPA on strided views with the backend chosen by the caller's `sdpa_backend` context.
-    With `rstd` and `bias` (fold_norm), q, k and v are rstd[token] * qkv + bias: the CUDA kernel's
-    folded variants do that inside; the others get the product written out first."""
-    if rstd is not None and not (impl == "cuda" and tile.endswith("n")):
-        qkv = (rstd[:, None] * qkv.float() + bias.float()).to(qkv.dtype)
-        rstd = bias = None
+    SDPA on strided views with the backend chosen by the caller's `sdpa_backend` context."""
     if impl == "triton":
         from . import kernels
         return kernels.attention(qkv, batch, heads, head_dim, tile=parse_attention_tile(tile) if tile else None,
                                  out=out)
     if impl == "cuda":  # Hopper, <= 256 tokens (cuda_attention.supported)
         from . import cuda_attention
-        return cuda_attention.attention(qkv, batch, heads, out=out, variant=tile or "w2s2", rstd=rstd, bias=bias)
+        return cuda_attention.attention(qkv, batch, heads, out=out, variant=tile or "w2s2")
     q, k, v = split_qkv(qkv, batch, heads, head_dim)
     out = F.scaled_dot_product_attention(q, k, v)
     # flash and cuDNN lay the output out as (B, T, H, hd): this reshape is then a free view

@@ -76,33 +76,17 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(d, cfg.norm_eps, shift=True)
         self.fc1 = Linear(d, cfg.mlp_hidden, "gelu", cfg.act, site="fc1")
         self.fc2 = Linear(cfg.mlp_hidden, d, "residual", site="fc2")
-        self.folded = None  # norm1 folded into qkv (ops.fold_norm): (weight, GEMM bias, bias after), made on demand
 
     def forward(self, x, batch: int, plan: ops.Plan, arena: "ActivationArena | None" = None):
         d, inner = x.shape[1], self.heads * self.head_dim
-        if plan_folds_norm1(plan):
-            # the QKV GEMM reads the residual stream; the attention applies each token's 1/std
-            n = self.norm1
-            rstd = ops.layer_norm_rstd(x, n.eps, n.shift, plan.norm, out=None if arena is None else arena.rstd(),
-                                       tile=plan.norm_tile)
-            weight, gemm_bias, bias = self.folded
-            qkv = ops.linear(x, weight, gemm_bias, plan.qkv_tile, out=_slot(arena, "wide", 3 * inner))
-            attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile,
-                                 out=_slot(arena, "narrow", inner), rstd=rstd, bias=bias)
-        else:
-            normed = self.norm1(x, plan, out=_slot(arena, "narrow", d))
-            qkv = self.qkv(normed, plan, out=_slot(arena, "wide", 3 * inner))
-            attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile,
-                                 out=_slot(arena, "narrow", inner))
+        normed = self.norm1(x, plan, out=_slot(arena, "narrow", d))
+        qkv = self.qkv(normed, plan, out=_slot(arena, "wide", 3 * inner))
+        attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile,
+                             out=_slot(arena, "narrow", inner))
         x = self.proj(attn, plan, residual=x)
         normed = self.norm2(x, plan, out=_slot(arena, "narrow", d))
         hidden = self.fc1(normed, plan, out=_slot(arena, "wide", self.fc1.weight.shape[0]))
         return self.fc2(hidden, plan, residual=x)
-
-
-def plan_folds_norm1(plan: ops.Plan) -> bool:
-    """The CUDA attention's folded variants ("...n") take norm1 into the QKV GEMM's weights."""
-    return plan.attention == "cuda" and plan.attention_tile.endswith("n")
 
 
 class ActivationArena:
@@ -119,8 +103,7 @@ class ActivationArena:
         inner = cfg.num_heads * cfg.head_dim
         self.dtype = dtype
         sizes = {"x": self.rows * cfg.embed_dim, "narrow": self.rows * max(cfg.embed_dim, inner),
-                 "wide": max(self.rows * max(3 * inner, cfg.mlp_hidden), batch * cfg.num_patches * cfg.patch_dim),
-                 "rstd": -(-self.rows * 4 // dtype.itemsize)}  # float32 per token (a folded norm1)
+                 "wide": max(self.rows * max(3 * inner, cfg.mlp_hidden), batch * cfg.num_patches * cfg.patch_dim)}
         self.offsets, total = {}, 0
         for name, n in sizes.items():
             self.offsets[name] = total
@@ -134,11 +117,6 @@ class ActivationArena:
         """A (rows, cols) view of one slot (rows: every token of the batch unless given)."""
         rows = rows or self.rows
         return self.buffer[self.offsets[slot]:].view(self.dtype)[:rows * cols].view(rows, cols)
-
-    def rstd(self) -> torch.Tensor:
-        """The (rows,) float32 slot for each token's 1/std."""
-        start = self.offsets["rstd"]
-        return self.buffer[start:start + self.rows * 4].view(torch.float32)
 
 
 def _slot(arena: ActivationArena | None, slot: str, cols: int, rows: int | None = None):
@@ -165,29 +143,8 @@ class VisionTransformer(nn.Module):
         self.requires_grad_(False)
 
     def set_plan(self, plan: ops.Plan) -> "VisionTransformer":
-        if plan_folds_norm1(plan) and self.blocks[0].folded is None:
-            self.fold_norm1()
         self.plan = plan
         return self
-
-    def fold_norm1(self) -> None:
-        """Each block's folded QKV weights (ops.fold_norm), all in one allocation (see pack_to)."""
-        parts = [ops.fold_norm(b.norm1.weight, b.norm1.bias, b.norm1.shift, b.qkv.weight, b.qkv.bias)
-                 for b in self.blocks]
-        flat = [t.reshape(-1).view(torch.uint8) for part in parts for t in part]
-        sizes = [_aligned(t.numel()) for t in flat]
-        buffer = torch.zeros(sum(sizes), dtype=torch.uint8, device=self.blocks[0].qkv.weight.device)
-        start = 0
-        for t, size in zip(flat, sizes):
-            buffer[start:start + t.numel()].copy_(t)
-            start += size
-        start = 0
-        for block, part in zip(self.blocks, parts):
-            views = []
-            for t in part:
-                views.append(buffer[start:start + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
-                start += _aligned(t.numel() * t.element_size())
-            block.folded = tuple(views)
 
     def embed(self, images: torch.Tensor, arena: ActivationArena | None = None) -> torch.Tensor:
         cfg, d = self.cfg, self.cfg.embed_dim

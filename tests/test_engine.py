@@ -384,33 +384,3 @@ def test_large_batch_finalists_are_chosen_by_their_sustained_time():
         ran.clear()
         name, _ = comp._fastest(candidates, torch.device("cpu"), use_graph=True)
     assert name == "hungry" and not ran
-
-
-@pytest.mark.parametrize("feature", ["no class token, avg pool (the original benchmark)", "no qkv bias",
-                                     "pre-norm (CLIP style, no patch bias)"])
-def test_norm1_folded_into_qkv_matches_the_plain_forward(feature, monkeypatch):
-    """The folded path (norm1 into the QKV GEMM's weights, 1/std and bias applied by the attention;
-    on the GPU by the CUDA kernel's "n" variants) computes the same logits as the plain one: here
-    through the attention reference, which applies (rstd, bias) itself. A fold that dropped the
-    residual shift (the deferred biases) would not."""
-    from modeling import ops
-    from modeling import vision_transformer as vt
-    cfg = vit_config(MICRO, **FEATURES[feature])
-    timm_model, _ = wu.source_model(cfg, seed=5)
-    model = wu.build_engine(cfg, wu.convert(timm_model, cfg), torch.float32, torch.device("cpu"))
-    for block in model.blocks:  # deferred biases and a norm with a real affine: every term of the fold matters
-        block.norm1.shift.normal_(0, 0.5)
-        block.norm1.weight.uniform_(0.5, 1.5)
-        block.norm1.bias.normal_(0, 0.3)
-    images = torch.randn(2, cfg.in_chans, *cfg.img_size, generator=torch.Generator().manual_seed(1))
-    want = model.set_plan(ops.Plan())(images)
-    monkeypatch.setattr(vt, "plan_folds_norm1", lambda plan: True)
-    model.blocks[0].folded = None
-    got = model.set_plan(ops.Plan())(images)
-    assert model.blocks[-1].folded is not None
-    assert ((got - want).norm() / want.norm()).item() < 1e-5
-    arena = vt.ActivationArena(cfg, 2, torch.float32, torch.device("cpu"))
-    assert ((model(images, arena) - want).norm() / want.norm()).item() < 1e-5
-    for block in model.blocks:
-        block.folded = (block.folded[0], torch.zeros_like(block.folded[1]), block.folded[2])
-    assert ((model(images) - want).norm() / want.norm()).item() > 1e-3

@@ -10,7 +10,6 @@ logits from the same plan run eagerly without programmatic dependent launch.
     embed=on|off         our Triton patchify and token assembly (plan.embed, attempt 44)
     sustain=on|off       large-batch finalists timed sustained, at the power cap (attempt 45)
     cudaattn=on|off      the CUDA C++ attention kernel among the plan's candidates (attempt 51)
-    fold=on|off          norm1 folded into the QKV GEMM and the CUDA attention where it runs (attempt 58)
 """
 import sys
 from dataclasses import replace
@@ -29,9 +28,9 @@ spec, cache, switch = sys.argv[1:4]
 name, batch = spec.split(":")
 batch = int(batch)
 key, _, value = switch.partition("=")
-if key not in ("pdl", "ltextra", "embed", "sustain", "cudaattn", "fold"):
-    raise SystemExit(f"unknown switch {switch!r}: pdl=on|off|default, ltextra=on|off, embed=on|off, sustain=on|off, "
-                     "cudaattn=on|off or fold=on|off")
+if key not in ("pdl", "ltextra", "embed", "sustain", "cudaattn"):
+    raise SystemExit(f"unknown switch {switch!r}: pdl=on|off|default, ltextra=on|off, embed=on|off, sustain=on|off "
+                     "or cudaattn=on|off")
 if value not in ("on", "off") + (("default",) if key == "pdl" else ()):
     raise SystemExit(f"{switch}: on or off{' or default' if key == 'pdl' else ''}")
 if key == "pdl":
@@ -42,8 +41,6 @@ elif key == "sustain":
     cp.PLAN_SUSTAINS = value == "on"
 elif key == "cudaattn":
     cuda_attention.PLAN_OFFERS = value == "on"
-elif key == "fold":
-    cp.FOLD_NORM1 = value == "on"
 elif value == "off":  # embed: the measured plan, with torch's patchify and token assembly
     choose_plan = cp.choose_plan
 
