@@ -209,7 +209,7 @@ def sustain_site(nvml, model, batch, plan, site, names, times) -> dict:
 
 
 def alone(nvml, spec, site, names, rounds=2):
-    """Named candidates of one site (e.g. norm triton:r4w4g132), alone and sustained, in alternation."""
+    """Named candidates of one site (e.g. norm triton triton:r2w4), alone and sustained, in alternation."""
     model, engine, batch = measured_engine(spec)
     plan, times = engine.plan, dict(engine.info["measured"].get(site) or {})
     print(f"{spec}: plan {plan}; {site} candidates {names}", flush=True)
