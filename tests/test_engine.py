@@ -269,12 +269,16 @@ def test_runners_up_are_each_sites_closest_alternative_within_reach():
     from engine.compile import estimated_forward_ms, runners_up
     plan, report = _plan_report()
     alternatives = runners_up(plan, report, close=0.1, limit=4)
-    # closest first; proj's split tile (20% slower) and cuDNN (40%) are out of reach
-    assert list(alternatives) == ["fc2=m64n128k128w4s4x1fsk3", "mlp_act=epilogue", "qkv=cublas", "norm=triton"]
+    # closest first, then the library's calls beside our chosen kernels; proj's split tile (20% slower)
+    # and cuDNN (40%) are out of reach
+    assert list(alternatives) == ["fc2=m64n128k128w4s4x1fsk3", "norm=triton", "mlp_act=epilogue", "qkv=cublas"]
     assert alternatives["mlp_act=epilogue"].mlp_act == "epilogue" and alternatives["mlp_act=epilogue"].fc1_tile == ""
     assert alternatives["qkv=cublas"].qkv_tile == "" and alternatives["norm=triton"].norm_tile == ""
     assert all(sum(getattr(a, f) != getattr(plan, f) for f in plan.as_dict()) <= 2 for a in alternatives.values())
-    assert list(runners_up(plan, report, close=0.1, limit=2)) == ["fc2=m64n128k128w4s4x1fsk3", "mlp_act=epilogue"]
+    # the limit counts the others only: a library call beside one of our kernels is always tried
+    # (a bfloat16 batch-2 plan lost qkv=cublas to the limit and kept a tile 6.8% slower, attempt 60)
+    assert list(runners_up(plan, report, close=0.1, limit=1)) == ["fc2=m64n128k128w4s4x1fsk3", "mlp_act=epilogue",
+                                                                  "qkv=cublas"]
     assert runners_up(plan, report, close=0.01, library_close=0.01) == {"fc2=m64n128k128w4s4x1fsk3": alternatives[
         "fc2=m64n128k128w4s4x1fsk3"]}
     assert estimated_forward_ms(report, depth=2) == pytest.approx(2 * (2 * 3.0 + 10.0 + 5.0 + 9.0 + 5.0 + 8.0))
