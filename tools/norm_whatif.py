@@ -7,7 +7,6 @@ mean anything, as upper bounds for a fold whose consumer absorbs the normalizati
 
     python3 tools/norm_whatif.py MODEL:BATCH [ROUNDS]
 """
-import statistics
 import sys
 
 import torch
@@ -17,7 +16,7 @@ import triton.language as tl
 import modeling  # noqa: F401
 from engine import compile as cp
 from modeling import ops, vision_transformer as vt
-from power_probe import Nvml, measured_engine, sustain
+from power_probe import Nvml, measured_engine, sustain_rounds
 
 
 @triton.jit
@@ -79,15 +78,7 @@ def main(spec, rounds=3):
             print(f"{label}: logits finite {bool(torch.isfinite(out).all())}, max {out.abs().max().item():.1f}",
                   flush=True)
     vt.Block.forward = original
-    rows = {label: [] for label in graphs}
-    for r in range(rounds):
-        for label, graph in graphs.items():
-            rows[label].append(sustain(nvml, graph.replay, 1, f"round {r} {label}"))
-    base = statistics.median(row["ms"] for row in rows["plan"])
-    for label, got in rows.items():
-        ms, j = statistics.median(row["ms"] for row in got), statistics.median(row["j"] for row in got)
-        print(f"{label:24s} {ms:8.3f} ms ({ms / base:.3f} of the plan's) {j:7.3f} J", flush=True)
-
+    sustain_rounds(nvml, graphs, "plan", rounds, batch)
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:

@@ -270,15 +270,20 @@ def swaps(nvml, spec, labels, rounds=3):
         for label, plan in plans.items():
             model.set_plan(plan)
             graphs[label], _ = cp.capture_graph(lambda: model(images, arena))
+    sustain_rounds(nvml, graphs, "chosen", rounds, batch)
+
+
+def sustain_rounds(nvml, graphs: dict, base: str, rounds: int, batch: int):
+    """Whole-forward graphs sustained in alternation, `rounds` times; medians against graphs[base]."""
     rows = {label: [] for label in graphs}
     for r in range(rounds):
         for label, graph in graphs.items():
             rows[label].append(sustain(nvml, graph.replay, 1, f"round {r} {label}"))
-    base = statistics.median(row["ms"] for row in rows["chosen"])
+    base_ms = statistics.median(row["ms"] for row in rows[base])
     for label, got in rows.items():
         ms = statistics.median(row["ms"] for row in got)
         j = statistics.median(row["j"] for row in got)
-        print(f"{label:46s} {ms:8.3f} ms ({ms / base:.3f} of chosen) {j:7.3f} J {batch / ms * 1e3:7.0f} im/s",
+        print(f"{label:46s} {ms:8.3f} ms ({ms / base_ms:.3f} of {base}) {j:7.3f} J {batch / ms * 1e3:7.0f} im/s",
               flush=True)
 
 
