@@ -1,0 +1,115 @@
+"""Would running a block's halves on a few images at a time, so that their intermediates stay in L2,
+pay at large batch? (perf-notes attempt 62.) At ViT-B/16 batch 256 the QKV GEMM writes 231 MB per
+layer and the attention reads it back, far more than the H100's 50 MB L2. Here each half-block
+(norm1, qkv, attention, proj; or norm2, fc1, fc2) runs on CHUNK images at a time, through one
+chunk-sized scratch buffer per intermediate that every chunk reuses, so the next chunk's writes land
+on lines still in L2. Same math per image as the plan (its logits are compared), smaller GEMMs (their
+last wave fills fewer SMs) and more launches. Whole forwards, sustained at the power cap, alternating.
+
+    python3 tools/chunk_whatif.py MODEL:BATCH [ROUNDS]
+"""
+import sys
+from dataclasses import replace
+
+import torch
+
+import modeling  # noqa: F401
+from engine import compile as cp
+from modeling import ops, vision_transformer as vt
+from power_probe import Nvml, measured_engine, sustain_rounds
+
+
+def chunked_block(chunk: int, halves: str, scratch: dict, plan_for_rows):
+    """Block.forward with the attention half ("attn"), the MLP half ("mlp") or both ("both") run on
+    `chunk` images at a time. plan_for_rows(rows) -> the plan whose GEMM choices suit that many rows."""
+    def buffer(name, rows, cols):
+        return scratch[name][:rows * cols].view(rows, cols)
+
+    def forward(self, x, batch, plan, arena=None):
+        d, inner, tokens = x.shape[1], self.heads * self.head_dim, x.shape[0] // batch
+        if halves in ("attn", "both"):
+            for start in range(0, batch, chunk):
+                n = min(chunk, batch - start)
+                rows, p = n * tokens, plan_for_rows(n * tokens)
+                xs = x[start * tokens:start * tokens + rows]
+                normed = self.norm1(xs, p, out=buffer("narrow", rows, d))
+                qkv = self.qkv(normed, p, out=buffer("wide", rows, 3 * inner))
+                attn = ops.attention(qkv, n, self.heads, self.head_dim, p.attention, p.attention_tile,
+                                     out=buffer("attn", rows, inner))
+                done = self.proj(attn, p, residual=xs)
+                if done is not xs:  # the reference plan adds out of place
+                    xs.copy_(done)
+        else:
+            normed = self.norm1(x, plan, out=vt._slot(arena, "narrow", d))
+            qkv = self.qkv(normed, plan, out=vt._slot(arena, "wide", 3 * inner))
+            attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile,
+                                 out=vt._slot(arena, "narrow", inner))
+            x = self.proj(attn, plan, residual=x)
+        if halves in ("mlp", "both"):
+            hidden_dim = self.fc1.weight.shape[0]
+            for start in range(0, batch, chunk):
+                n = min(chunk, batch - start)
+                rows, p = n * tokens, plan_for_rows(n * tokens)
+                xs = x[start * tokens:start * tokens + rows]
+                normed = self.norm2(xs, p, out=buffer("narrow", rows, d))
+                hidden = self.fc1(normed, p, out=buffer("wide", rows, hidden_dim))
+                done = self.fc2(hidden, p, residual=xs)
+                if done is not xs:  # the reference plan adds out of place
+                    xs.copy_(done)
+            return x
+        normed = self.norm2(x, plan, out=vt._slot(arena, "narrow", d))
+        hidden = self.fc1(normed, plan, out=vt._slot(arena, "wide", self.fc1.weight.shape[0]))
+        return self.fc2(hidden, plan, residual=x)
+    return forward
+
+
+def main(spec, rounds=3):
+    nvml = Nvml(torch.cuda.current_device())
+    model, engine, batch = measured_engine(spec)
+    plan = engine.plan
+    print(f"{spec}: plan {plan}", flush=True)
+    model.set_plan(plan)
+    images = engine._static_in
+    dev, dtype, cfg = images.device, images.dtype, model.cfg
+    arena = cp.ActivationArena(cfg, batch, dtype, dev)
+    del engine
+    wide = max(3 * cfg.num_heads * cfg.head_dim, cfg.mlp_hidden)
+    chunk_rows = batch * cfg.seq_len
+    scratch = {name: torch.empty(chunk_rows * cols, device=dev, dtype=dtype)
+               for name, cols in (("narrow", cfg.embed_dim), ("wide", wide), ("attn", cfg.embed_dim))}
+    # the plan's GEMM names are for the whole batch's rows; cuBLASLt's heuristic numbers ("lt3") and
+    # explicit configurations may not fit a chunk's, so a chunk uses torch's cuBLAS call there
+    lt_free = replace(plan, **{f"{site}_tile": "" for site in ("qkv", "fc1", "proj", "fc2")
+                               if ops.lt_algorithm(getattr(plan, f"{site}_tile")) is not None})
+    original = vt.Block.forward
+    graphs, reference = {}, None
+    # "no cuBLASLt picks": the whole batch with the chunks' GEMM calls, to tell their cost from the chunking's
+    variants = [("plan", None, None), ("plan, no cuBLASLt picks", "none", None)]
+    variants += [(f"{halves} half, {c} images at a time", halves, c)
+                 for halves, c in (("attn", 64), ("attn", 32), ("attn", 16), ("mlp", 16), ("both", 32))]
+    with torch.no_grad():
+        for label, halves, chunk in variants:
+            model.set_plan(lt_free if halves == "none" else plan)
+            if halves in (None, "none"):
+                vt.Block.forward = original
+            else:
+                vt.Block.forward = chunked_block(chunk, halves, scratch, lambda rows: lt_free)
+            try:
+                graphs[label], out = cp.capture_graph(lambda: model(images, arena))
+            except Exception as error:  # noqa: BLE001 - a probe: report and go on
+                print(f"{label}: not captured ({type(error).__name__}: {error})", flush=True)
+                continue
+            graphs[label].replay()
+            torch.cuda.synchronize()
+            if reference is None:
+                reference = out.float().clone()
+            err = ((out.float() - reference).abs().max() / reference.abs().max()).item()
+            print(f"{label}: max |logits - plan's| / max |plan's| = {err:.2e}", flush=True)
+    vt.Block.forward = original
+    sustain_rounds(nvml, graphs, "plan", rounds, batch)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)
