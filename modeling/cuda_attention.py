@@ -29,7 +29,7 @@ def _acc_constraints(name: str, count: int) -> str:
     return ", ".join(f'"+f"({name}[{i}])' for i in range(count))
 
 
-KNOWN_VARIANTS = ("w2s2", "w2s2p", "w1s1", "w2s2e", "w2s2pe")  # warpgroups, stages, ping-pong, early: source()
+KNOWN_VARIANTS = ("w2s2", "w2s2p", "w1s1")  # consumer warpgroups, stages, ping-pong: see source()
 MANY_HEADS_PER_SM = 4  # from here the kernel leads cuDNN by 1.3x and our Triton tiles by 1.4x (attempt 53)
 
 
@@ -40,10 +40,10 @@ def variants(units: int, sms: int) -> tuple:
 
 
 def parse_variant(text: str) -> tuple:
-    """"w2s2pe" -> (2, 2, True, True); ValueError when not one of KNOWN_VARIANTS."""
+    """"w2s2p" -> (2, 2, True); ValueError when not one of KNOWN_VARIANTS."""
     if text not in KNOWN_VARIANTS:
         raise ValueError(f"cuda attention variant {text!r}; one of {', '.join(KNOWN_VARIANTS)}")
-    return int(text[1]), int(text[3]), "p" in text[4:], text.endswith("e")
+    return int(text[1]), int(text[3]), text.endswith("p")
 
 
 def _layout(seq: int) -> tuple:
@@ -58,12 +58,9 @@ def source(seq: int, heads: int, dtype: torch.dtype = torch.float16, variant: st
     two warpgroups splitting the query tiles, two stages (the next head loads during this one);
     w2s2p: the same, the two warpgroups taking turns to issue their MMAs (named barriers), so that
     one's softmax runs under the other's MMAs (FA3's ping-pong; where both have as many tiles);
-    w1s1: two CTAs per SM of one warpgroup and one stage each, which overlap each other's loads;
-    "e" (two stages): Q and K load apart from V, on their own mbarriers, and a stage's Q and K for the
-    head after next load as soon as this head's last S MMA has read them, half a head before its V
-    (perf-notes attempt 63): the next heads' loads start earlier and more bytes are in flight."""
+    w1s1: two CTAs per SM of one warpgroup and one stage each, which overlap each other's loads."""
     kind = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
-    wgs, stages, pingpong, early = parse_variant(variant)
+    wgs, stages, pingpong = parse_variant(variant)
     keys, q_rows, stage = _layout(seq)
     q_tiles = q_rows // 64
     s_regs = keys // 2                 # m64 x n(keys) float32 accumulator: keys / 2 registers a thread
@@ -81,7 +78,6 @@ def source(seq: int, heads: int, dtype: torch.dtype = torch.float16, variant: st
 #define WGS {wgs}
 #define STAGES {stages}
 #define PINGPONG {int(pingpong and q_tiles % 2 == 0)}
-#define EARLY {int(early and stages == 2)}
 #ifndef PROBE                   // bits that switch parts off, for timing only (tools/attention_probe.py):
 #define PROBE 0                 // 1 the last query tile's MMAs and softmax, 2 loads after the first
 #endif                          // stages, 4 all compute, 8 the output stores, 16 all MMAs and softmax
@@ -124,25 +120,13 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {{
     return r;
 }}
 
-__device__ __forceinline__ void issue_qk(int unit, unsigned base, unsigned bar, const void* map_q, const void* map_kv,
-                                         unsigned v_bytes) {{
+__device__ __forceinline__ void issue(int unit, unsigned base, unsigned bar, const void* map_q, const void* map_kv) {{
     int b = unit / HEADS, col = (unit % HEADS) * 64;
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(Q_BYTES + KV_BYTES + v_bytes)
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(Q_BYTES + 2 * KV_BYTES)
                  : "memory");
     tma_load(base, map_q, col, 0, b, bar);
     tma_load(base + Q_BYTES, map_kv, HEADS * 64 + col, 0, b, bar);
-}}
-
-__device__ __forceinline__ void issue_v(int unit, unsigned base, unsigned bar, const void* map_kv, bool expect) {{
-    int b = unit / HEADS, col = (unit % HEADS) * 64;
-    if (expect)
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(KV_BYTES) : "memory");
     tma_load(base + Q_BYTES + KV_BYTES, map_kv, 2 * HEADS * 64 + col, 0, b, bar);
-}}
-
-__device__ __forceinline__ void issue(int unit, unsigned base, unsigned bar, const void* map_q, const void* map_kv) {{
-    issue_qk(unit, base, bar, map_q, map_kv, KV_BYTES);   // Q, K and V on one barrier
-    issue_v(unit, base, bar, map_kv, false);
 }}
 
 extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attention(const void* map_q, const void* map_kv,
@@ -150,27 +134,16 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
     extern __shared__ unsigned char raw_smem[];
     unsigned base = (smem_u32(raw_smem) + 1023) & ~1023u;     // 128-byte swizzle wants 1024-byte tiles
     unsigned o_smem = base + STAGES * STAGE_BYTES;             // one 64 x 64 output tile per warpgroup
-    unsigned bars = o_smem + WGS * 8192;                       // Q/K (or all) per stage, then V per stage (EARLY)
-    unsigned v_bars = bars + 16;
-    __shared__ int s_done;                                     // warpgroups past this head's last S MMA (EARLY)
+    unsigned bars = o_smem + WGS * 8192;
     int t = threadIdx.x, wg = t / 128, w = (t % 128) / 32, l = t % 32;
     if (t == 0) {{
-        for (int i = 0; i < 4; ++i)
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(bars + 8 * i) : "memory");
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(bars) : "memory");
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(bars + 8) : "memory");
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-        s_done = 0;
     }}
     __syncthreads();
-    if (t == 0 && (int)blockIdx.x < units) {{
-        if (EARLY) {{                                          // heads 0 and 1's Q and K, head 0's V
-            issue_qk(blockIdx.x, base, bars, map_q, map_kv, 0);
-            issue_v(blockIdx.x, base, v_bars, map_kv, true);
-            if ((int)(blockIdx.x + gridDim.x) < units)
-                issue_qk(blockIdx.x + gridDim.x, base + STAGE_BYTES, bars + 8, map_q, map_kv, 0);
-        }} else {{
-            issue(blockIdx.x, base, bars, map_q, map_kv);
-        }}
-    }}
+    if (t == 0 && (int)blockIdx.x < units)
+        issue(blockIdx.x, base, bars, map_q, map_kv);
     if (PINGPONG && wg == 1)                                       // warpgroup 0 issues first
         asm volatile("bar.arrive 1, 256;\n" ::: "memory");
     const float scale = 0.125f * 1.4426950408889634f;          // hd^-0.5, in base 2
@@ -178,20 +151,10 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
     for (int unit = blockIdx.x; unit < units; unit += gridDim.x, ++it) {{
         int s = STAGES == 2 ? it & 1 : 0;
         unsigned stage = base + s * STAGE_BYTES;
-        const unsigned parity = STAGES == 2 ? (it >> 1) & 1 : it & 1;
-        if (STAGES == 2 && t == 0 && unit + (int)gridDim.x < units && !((PROBE & 2) && it > 0)) {{  // the next head
-            if (EARLY)                                                                          // loads while this
-                issue_v(unit + gridDim.x, base + (s ^ 1) * STAGE_BYTES, v_bars + 8 * (s ^ 1), map_kv, true);  // one computes
-            else
-                issue(unit + gridDim.x, base + (s ^ 1) * STAGE_BYTES, bars + 8 * (s ^ 1), map_q, map_kv);
-        }}
+        if (STAGES == 2 && t == 0 && unit + (int)gridDim.x < units && !((PROBE & 2) && it > 0))   // the next head loads while this one computes
+            issue(unit + gridDim.x, base + (s ^ 1) * STAGE_BYTES, bars + 8 * (s ^ 1), map_q, map_kv);
         if (!(PROBE & 2) || it < STAGES)
-            wait_phase(bars + 8 * s, parity);
-        if (EARLY && (PROBE & 4) && !(PROBE & 2)) {{                 // no MMAs to free Q and K: load on here
-            wait_phase(v_bars + 8 * s, parity);
-            if (t == 0 && unit + 2 * (int)gridDim.x < units)
-                issue_qk(unit + 2 * gridDim.x, stage, bars + 8 * s, map_q, map_kv, 0);
-        }}
+            wait_phase(bars + 8 * s, STAGES == 2 ? (it >> 1) & 1 : it & 1);
         unsigned q_smem = stage, k_smem = stage + Q_BYTES, v_smem = stage + Q_BYTES + KV_BYTES;
         int b = unit / HEADS, col = (unit % HEADS) * 64;
         for (int qt = wg; qt < Q_TILES; qt += WGS) {{
@@ -214,17 +177,6 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             TURN_PASS();
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-            if (EARLY && qt + WGS >= Q_TILES) {{                  // this warpgroup's last S MMA has read Q and K:
-                asm volatile("bar.sync %0, 128;\n" :: "r"(5 + wg) : "memory");   // the last warpgroup here loads
-                if (t % 128 == 0) {{                                            // the head after next's into them
-                    __threadfence_block();
-                    if (atomicAdd(&s_done, 1) == WGS - 1) {{
-                        s_done = 0;
-                        if (unit + 2 * (int)gridDim.x < units && !(PROBE & 2))
-                            issue_qk(unit + 2 * gridDim.x, stage, bars + 8 * s, map_q, map_kv, 0);
-                    }}
-                }}
-            }}
             // softmax over the whole key row; this thread holds rows r and r + 8 of the tile,
             // columns 8c + 2(l % 4) + {{0, 1}} of each 8-column chunk c
             float m0 = -1e30f, m1 = -1e30f;
@@ -269,8 +221,6 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
             l1 += __shfl_xor_sync(0xffffffff, l1, 2);
             }}
             float o[32];
-            if (EARLY && (!(PROBE & 2) || it < STAGES))
-                wait_phase(v_bars + 8 * s, parity);
             TURN_WAIT();
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
             #pragma unroll
@@ -327,8 +277,8 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
 def shared_bytes(seq: int, variant: str = "w2s2") -> int:
     """Dynamic shared memory: the stages, an output tile per warpgroup, two mbarriers, and room to
     align the first tile to 1024."""
-    wgs, stages, _, _ = parse_variant(variant)
-    return stages * _layout(seq)[2] + wgs * 8192 + 32 + 1024
+    wgs, stages, _ = parse_variant(variant)
+    return stages * _layout(seq)[2] + wgs * 8192 + 16 + 1024
 
 
 def supported(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -409,7 +359,7 @@ def attention(qkv: torch.Tensor, batch: int, heads: int, out: torch.Tensor | Non
     keys, q_rows, _ = _layout(seq)
     maps = (_tensor_map(view, q_rows), _tensor_map(view, keys),
             _tensor_map(out.view(batch, seq, heads * HEAD_DIM), 64))
-    wgs, stages, _, _ = parse_variant(variant)
+    wgs, stages, _ = parse_variant(variant)
     sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count
     units = batch * heads
     kernel(grid=(min(units, sms * (3 - stages)), 1, 1), block=(128 * wgs, 1, 1), args=[*maps, units],
