@@ -24,7 +24,7 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "17"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+ENGINE_VERSION = "18"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
 # 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
 # 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%;
 # 9: cuBLASLt algorithms beyond its heuristic's first; 10: Triton kernels by programmatic dependent launch;
@@ -32,7 +32,7 @@ ENGINE_VERSION = "17"  # 2: the plan names Triton attention and GEMM tiles; 3: f
 # token assembly (plan.embed); 13: large-batch finalists timed sustained, at the power cap; 14: the CUDA C++
 # attention kernel for <= 256 tokens (cuda_attention) among the candidates; 15: its output by TMA store, w2s2 timed again;
 # 16: the end-to-end check always tries the library's call beside each of our kernels the plan took;
-# 17: ... and credits a swap to the library's call for the launch gaps of a slow checking process
+# 17: ... and credited a swap to the library's call (withdrawn); 18: the combination takes one swap per site
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -416,12 +416,6 @@ REFINE_MAX_MS = 4.0   # estimated forward above which the end-to-end check is no
 REFINE_CLOSE = 0.10   # a runner-up more than this much slower alone is not tried
 REFINE_LIBRARY_CLOSE = 0.25  # ... but a library call, where the plan took one of our kernels, up to this
 REFINE_LIMIT = 4      # runners-up tried at most
-# What one kernel boundary per block around a library kernel may cost more in the process that checks
-# the plan than in the one that runs it: a process that measured its plan can run in a slow launch
-# state, 0.43-0.48 us idle per boundary against 0.08-0.13 (perf-notes attempt 36), which our kernels
-# hide by programmatic dependent launch and the library's do not. A swap from ours to the library's
-# call (two boundaries per block) is credited that much, and one the other way charged it (attempt 61).
-REFINE_LIBRARY_EDGE_MS = 0.0004
 
 
 def with_choice(plan: ops.Plan, site: str, name: str) -> ops.Plan:
@@ -482,55 +476,33 @@ def runners_up(plan: ops.Plan, report: dict, close: float = REFINE_CLOSE, limit:
     return {**{label: alternative for _, label, alternative in found[:limit]}, **library_for_ours}
 
 
-def ours_at(plan: ops.Plan, site: str) -> bool:
-    """Whether the plan runs one of our kernels (Triton or CUDA C++) at this site, not a library's."""
-    if site == "norm":
-        return plan.norm == "triton"
-    if site == "mlp_act":
-        return plan.mlp_act.startswith("triton")
-    if site == "attention":
-        return plan.attention in ("triton", "cuda")
-    tile = getattr(plan, f"{site}_tile")
-    return bool(tile) and ops.lt_algorithm(tile) is None
-
-
-def library_credit_ms(plan: ops.Plan, candidate: ops.Plan, depth: int,
-                      edge_ms: float = REFINE_LIBRARY_EDGE_MS) -> float:
-    """What `candidate` is credited against `plan` in the end-to-end check: 2 * depth * edge_ms for each
-    site it moves from our kernel to a library's, the same charged for each it moves the other way."""
-    moved = sum(ours_at(plan, site) - ours_at(candidate, site) for site in PLAN_SITES)
-    return 2 * depth * edge_ms * moved
-
-
-def refine_plan(plan: ops.Plan, report: dict, time_plans, depth: int = 0) -> tuple:
+def refine_plan(plan: ops.Plan, report: dict, time_plans) -> tuple:
     """Time the plan against its runners-up end to end (`time_plans({label: plan}) -> {label: ms}`,
-    labels it could not run left out); if more than one swap beats the plan, their combination is
-    timed against the best of them. A candidate's time is compared less its library_credit_ms over
-    `depth` blocks. Returns (the fastest plan, {label: ms})."""
+    labels it could not run left out); if swaps at more than one site beat the plan, the combination
+    of each such site's fastest swap is timed against the best swap alone. Returns (the fastest plan,
+    {label: ms})."""
     candidates = {"chosen": plan, **runners_up(plan, report)}
     if len(candidates) == 1:
         return plan, {}
     times = time_plans(candidates)
     if "chosen" not in times:
         return plan, times
-
-    def judged(label, ms, against=plan):  # the time a candidate is compared by
-        return ms - library_credit_ms(against, candidates[label], depth)
-
-    winners = sorted((label for label in times if judged(label, times[label]) < times["chosen"]),
-                     key=lambda label: judged(label, times[label]))
+    winners, sites = [], set()
+    for label in sorted((label for label in times if times[label] < times["chosen"]), key=times.get):
+        site = label.partition("=")[0]
+        if site not in sites:  # one swap per site: a slower second one would overwrite the faster
+            winners.append(label)   # (two proj swaps that both beat the plan: perf-notes attempt 61)
+            sites.add(site)
     if len(winners) > 1:
         combined = plan
         for label in winners:
             site, _, name = label.partition("=")
             combined = with_choice(combined, site, name)
-        candidates["combined"] = combined
         final = time_plans({winners[0]: candidates[winners[0]], "combined": combined})
         times.update({f"{label} (again)": ms for label, ms in final.items() if label != "combined"})
         if "combined" in final:
             times["combined"] = final["combined"]
-            if winners[0] in final and (judged("combined", final["combined"], candidates[winners[0]])
-                                        < final[winners[0]]):
+            if winners[0] in final and final["combined"] < final[winners[0]]:
                 return combined, times
     return candidates[winners[0] if winners else "chosen"], times
 
@@ -658,7 +630,7 @@ def compile_engine(model, batch: int, target: Target, options: Options, cache_ro
             # timings, and a short end-to-end check would second-guess them
             refine = not report.get("sustained_s")
             if use_graph and refine and estimated_forward_ms(report, cfg.depth) <= REFINE_MAX_MS:
-                plan, report["end_to_end"] = refine_plan(plan, report, graph_timer(model, batch, target), cfg.depth)
+                plan, report["end_to_end"] = refine_plan(plan, report, graph_timer(model, batch, target))
             info["plan_s"] = round(time.perf_counter() - t_plan, 2)
             save_plan(directory, key, plan, report)
             info["plan_source"] = f"measured, saved to {directory}"
