@@ -8,7 +8,6 @@ last wave fills fewer SMs) and more launches. Whole forwards, sustained at the p
 
     python3 tools/chunk_whatif.py MODEL:BATCH [ROUNDS]
 """
-import sys
 from dataclasses import replace
 
 import torch
@@ -16,7 +15,7 @@ import torch
 import modeling  # noqa: F401
 from engine import compile as cp
 from modeling import ops, vision_transformer as vt
-from power_probe import Nvml, measured_engine, sustain_rounds
+from power_probe import Nvml, measured_engine, sustain_rounds, whatif_cli
 
 
 def chunked_block(chunk: int, halves: str, scratch: dict, plan_for_rows):
@@ -110,6 +109,4 @@ def main(spec, rounds=3):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+    whatif_cli(main, __doc__)

@@ -7,7 +7,6 @@ mean anything, as upper bounds for a fold whose consumer absorbs the normalizati
 
     python3 tools/norm_whatif.py MODEL:BATCH [ROUNDS]
 """
-import sys
 
 import torch
 import triton
@@ -16,7 +15,7 @@ import triton.language as tl
 import modeling  # noqa: F401
 from engine import compile as cp
 from modeling import ops, vision_transformer as vt
-from power_probe import Nvml, measured_engine, sustain_rounds
+from power_probe import Nvml, measured_engine, sustain_rounds, whatif_cli
 
 
 @triton.jit
@@ -84,6 +83,4 @@ def main(spec, rounds=3):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+    whatif_cli(main, __doc__)

@@ -287,6 +287,13 @@ def sustain_rounds(nvml, graphs: dict, base: str, rounds: int, batch: int):
               flush=True)
 
 
+def whatif_cli(main, doc: str):
+    """The command line of the what-if probes (norm_whatif, chunk_whatif): MODEL:BATCH [ROUNDS]."""
+    if len(sys.argv) < 2:
+        sys.exit(doc)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+
+
 def ramp(nvml):
     """From idle into a sustained GEMM load: how fast the clock meets the cap, and how often the
     energy counter moves (can short windows be measured in energy?)."""
