@@ -306,24 +306,6 @@ def test_runners_up_try_the_library_beside_our_next_tile():
     assert [_ours(n) for n in ("m64n64k128w4s4x1fsk2", "triton", "triton:r2w4", "cuda:w2s2")] == [True] * 4
 
 
-def test_runners_up_try_two_norm_shapes_of_ours():
-    """LayerNorm launch shapes that tie alone can be ~5% apart in whole batch-2 forwards (perf-notes
-    attempt 61): the two closest shapes of ours are tried end to end, the second besides the limit."""
-    from engine.compile import runners_up
-    plan, report = _plan_report()   # norm triton:r2w4
-    report = {**report, "norm": {"triton:r2w4": 3.39, "triton:r4w8": 3.40, "triton:r2w8": 3.53, "triton": 3.6,
-                                 "torch": 10.0}}
-    alternatives = runners_up(plan, report, close=0.1, limit=1)
-    assert {"norm=triton:r4w8", "norm=triton:r2w8"} <= set(alternatives)
-    assert "norm=triton" not in alternatives and "norm=torch" not in alternatives
-    assert alternatives["norm=triton:r2w8"].norm_tile == "r2w8"
-    # the second shape is held to `close` like the first
-    assert "norm=triton:r2w8" not in runners_up(plan, report, close=0.02, limit=8)
-    # other sites still try one of ours
-    report = {**report, "qkv": {"m64n128k128w4s4x1f": 9.0, "m128n128k64w4s4x1f": 9.1, "m64n64k128w4s4x1f": 9.2}}
-    assert "qkv=m64n64k128w4s4x1f" not in runners_up(plan, report, close=0.1, limit=8)
-
-
 def test_refine_plan_keeps_the_fastest_whole_forward():
     """The end-to-end check overrides the isolated timings: a swap that wins in the whole graph is
     taken; two winning swaps are combined when the combination beats the better one alone."""
