@@ -2,7 +2,7 @@
 pay at large batch? (perf-notes attempt 62.) At ViT-B/16 batch 256 the QKV GEMM writes 231 MB per
 layer and the attention reads it back, far more than the H100's 50 MB L2. Here each half-block
 (norm1, qkv, attention, proj; or norm2, fc1, fc2) runs on CHUNK images at a time, through one
-chunk-sized scratch buffer per intermediate that every chunk reuses, so the next chunk's writes land
+scratch buffer per intermediate whose first rows every chunk reuses, so the next chunk's writes land
 on lines still in L2. Same math per image as the plan (its logits are compared), smaller GEMMs (their
 last wave fills fewer SMs) and more launches. Whole forwards, sustained at the power cap, alternating.
 
