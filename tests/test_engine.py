@@ -347,9 +347,10 @@ def test_refine_plan_keeps_the_fastest_whole_forward():
 def test_refine_plan_combines_one_swap_per_site():
     """Two swaps of one site can both beat the plan end to end (proj to another of our tiles and proj
     to cuBLAS, perf-notes attempt 61): the combination takes the faster, not the one applied last."""
+    from dataclasses import replace
     from engine.compile import refine_plan, runners_up
     plan, report = _plan_report()
-    plan = plan.__class__(**{**plan.as_dict(), "proj_tile": "m64n64k128w4s4x1f"})
+    plan = replace(plan, proj_tile="m64n64k128w4s4x1f")
     report = {**report, "proj": {"m64n64k128w4s4x1f": 5.0, "m64n128k128w4s4x1fsk3": 5.1, "cublas": 5.2}}
     assert {"proj=m64n128k128w4s4x1fsk3", "proj=cublas"} <= set(runners_up(plan, report))
     seen = []

@@ -18,47 +18,36 @@ from modeling import ops, vision_transformer as vt
 from power_probe import Nvml, measured_engine, sustain_rounds, whatif_cli
 
 
-def chunked_block(chunk: int, halves: str, scratch: dict, plan_for_rows):
+def chunked_block(chunk: int, halves: str, scratch: dict, chunk_plan):
     """Block.forward with the attention half ("attn"), the MLP half ("mlp") or both ("both") run on
-    `chunk` images at a time. plan_for_rows(rows) -> the plan whose GEMM choices suit that many rows."""
-    def buffer(name, rows, cols):
-        return scratch[name][:rows * cols].view(rows, cols)
-
+    `chunk` images at a time with `chunk_plan`, the other half as the engine runs it."""
     def forward(self, x, batch, plan, arena=None):
         d, inner, tokens = x.shape[1], self.heads * self.head_dim, x.shape[0] // batch
-        if halves in ("attn", "both"):
+
+        def attention_half(xs, n, p, slot):
+            normed = self.norm1(xs, p, out=slot("narrow", d))
+            qkv = self.qkv(normed, p, out=slot("wide", 3 * inner))
+            attn = ops.attention(qkv, n, self.heads, self.head_dim, p.attention, p.attention_tile,
+                                 out=slot("attn", inner))
+            return self.proj(attn, p, residual=xs)
+
+        def mlp_half(xs, n, p, slot):
+            normed = self.norm2(xs, p, out=slot("narrow", d))
+            hidden = self.fc1(normed, p, out=slot("wide", self.fc1.weight.shape[0]))
+            return self.fc2(hidden, p, residual=xs)
+
+        for name, half in (("attn", attention_half), ("mlp", mlp_half)):
+            if halves not in (name, "both"):  # the arena's slots; its attention output goes to "narrow"
+                x = half(x, batch, plan, lambda slot, cols: vt._slot(arena, slot.replace("attn", "narrow"), cols))
+                continue
             for start in range(0, batch, chunk):
                 n = min(chunk, batch - start)
-                rows, p = n * tokens, plan_for_rows(n * tokens)
+                rows = n * tokens
                 xs = x[start * tokens:start * tokens + rows]
-                normed = self.norm1(xs, p, out=buffer("narrow", rows, d))
-                qkv = self.qkv(normed, p, out=buffer("wide", rows, 3 * inner))
-                attn = ops.attention(qkv, n, self.heads, self.head_dim, p.attention, p.attention_tile,
-                                     out=buffer("attn", rows, inner))
-                done = self.proj(attn, p, residual=xs)
+                done = half(xs, n, chunk_plan, lambda slot, cols, rows=rows: scratch[slot][:rows * cols].view(rows, cols))
                 if done is not xs:  # the reference plan adds out of place
                     xs.copy_(done)
-        else:
-            normed = self.norm1(x, plan, out=vt._slot(arena, "narrow", d))
-            qkv = self.qkv(normed, plan, out=vt._slot(arena, "wide", 3 * inner))
-            attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile,
-                                 out=vt._slot(arena, "narrow", inner))
-            x = self.proj(attn, plan, residual=x)
-        if halves in ("mlp", "both"):
-            hidden_dim = self.fc1.weight.shape[0]
-            for start in range(0, batch, chunk):
-                n = min(chunk, batch - start)
-                rows, p = n * tokens, plan_for_rows(n * tokens)
-                xs = x[start * tokens:start * tokens + rows]
-                normed = self.norm2(xs, p, out=buffer("narrow", rows, d))
-                hidden = self.fc1(normed, p, out=buffer("wide", rows, hidden_dim))
-                done = self.fc2(hidden, p, residual=xs)
-                if done is not xs:  # the reference plan adds out of place
-                    xs.copy_(done)
-            return x
-        normed = self.norm2(x, plan, out=vt._slot(arena, "narrow", d))
-        hidden = self.fc1(normed, plan, out=vt._slot(arena, "wide", self.fc1.weight.shape[0]))
-        return self.fc2(hidden, plan, residual=x)
+        return x
     return forward
 
 
@@ -73,7 +62,7 @@ def main(spec, rounds=3):
     arena = cp.ActivationArena(cfg, batch, dtype, dev)
     del engine
     wide = max(3 * cfg.num_heads * cfg.head_dim, cfg.mlp_hidden)
-    chunk_rows = batch * cfg.seq_len
+    chunk_rows = 64 * cfg.seq_len  # the largest chunk below
     scratch = {name: torch.empty(chunk_rows * cols, device=dev, dtype=dtype)
                for name, cols in (("narrow", cfg.embed_dim), ("wide", wide), ("attn", cfg.embed_dim))}
     # the plan's GEMM names are for the whole batch's rows; cuBLASLt's heuristic numbers ("lt3") and
@@ -92,7 +81,7 @@ def main(spec, rounds=3):
             if halves in (None, "none"):
                 vt.Block.forward = original
             else:
-                vt.Block.forward = chunked_block(chunk, halves, scratch, lambda rows: lt_free)
+                vt.Block.forward = chunked_block(chunk, halves, scratch, lt_free)
             try:
                 graphs[label], out = cp.capture_graph(lambda: model(images, arena))
             except Exception as error:  # noqa: BLE001 - a probe: report and go on
