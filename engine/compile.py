@@ -24,7 +24,7 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "18"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+ENGINE_VERSION = "20"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
 # 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
 # 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%;
 # 9: cuBLASLt algorithms beyond its heuristic's first; 10: Triton kernels by programmatic dependent launch;
@@ -32,7 +32,8 @@ ENGINE_VERSION = "18"  # 2: the plan names Triton attention and GEMM tiles; 3: f
 # token assembly (plan.embed); 13: large-batch finalists timed sustained, at the power cap; 14: the CUDA C++
 # attention kernel for <= 256 tokens (cuda_attention) among the candidates; 15: its output by TMA store, w2s2 timed again;
 # 16: the end-to-end check always tries the library's call beside each of our kernels the plan took;
-# 17: ... and credited a swap to the library's call (withdrawn); 18: the combination takes one swap per site
+# 17: ... and credited a swap to the library's call (withdrawn); 18: the combination takes one swap per site;
+# 19: a trial, reverted (perf-notes attempt 61); 20: the check descends site by site (attempt 64)
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -404,18 +405,20 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
 # --- checking the plan end to end --------------------------------------------------------------
 # Each op's choice above is timed alone, on block 0's shapes, back to back with itself. In the
 # whole graph a candidate runs between other kernels (caches, clocks, launch overlap), and at small
-# batch two candidates a few percent apart alone can swap order by 5-12% end to end (perf-notes
-# attempt 31: bfloat16 ViT-B/16 batch 1 read 0.386-0.434 ms across compiles). So where a forward is
-# short, the plan and its closest runners-up are captured whole and timed against each other.
-# (At large batch the same idea, the plan against its all-cuBLAS variant on the first blocks, added
-# up to 3 s of compile and its short timings were noisy: perf-notes attempt 33; at large batch the
-# plan now times the library's own algorithms instead, kernels.LIBRARY_ROWS.)
+# batch the isolated order says little: at ViT-B/16 batch 2 two QKV tiles 0.3 us apart alone were 26 us
+# apart end to end, and checks that tried only the closest runners-up kept picks 2-5% slower end to
+# end than one they never tried (perf-notes attempts 31, 57, 60, 61). So where a forward is short, the
+# plan descends site by site: each site's few fastest candidates of ours and the library's fastest are
+# captured whole, in the plan as it stands, and timed against it; the fastest is kept before the next
+# site. (At large batch the same idea added up to 3 s of compile and its short timings were noisy:
+# perf-notes attempt 33; there the plan times the library's own algorithms instead, kernels.LIBRARY_ROWS.)
 
 PLAN_SITES = ("mlp_act", "qkv", "proj", "fc2", "attention", "norm")
+DESCENT_ORDER = ("qkv", "proj", "fc2", "mlp_act", "norm", "attention")  # the GEMMs' picks moved most end to end
 REFINE_MAX_MS = 4.0   # estimated forward above which the end-to-end check is not worth its compile time
-REFINE_CLOSE = 0.10   # a runner-up more than this much slower alone is not tried
-REFINE_LIBRARY_CLOSE = 0.25  # ... but a library call, where the plan took one of our kernels, up to this
-REFINE_LIMIT = 4      # runners-up tried at most
+DESCENT_REACH = 0.30  # a candidate more than this much slower alone than its site's best is not tried
+DESCENT_OURS = 3      # of our kernels per site, the fastest alone (the plan's own pick among them)
+DESCENT_LIBRARY = 1   # of the libraries' calls per site, the fastest alone
 
 
 def with_choice(plan: ops.Plan, site: str, name: str) -> ops.Plan:
@@ -445,69 +448,45 @@ def _ours(name: str) -> bool:
     return name.startswith(("triton", "cuda")) or (len(name) > 1 and name[0] == "m" and name[1].isdigit())
 
 
-def runners_up(plan: ops.Plan, report: dict, close: float = REFINE_CLOSE, limit: int = REFINE_LIMIT,
-               library_close: float = REFINE_LIBRARY_CLOSE) -> dict:
-    """{"site=name": plan with that one swap} for each site's fastest alternative among our kernels
-    and its fastest among the libraries', each within `close` of the site's best isolated time (the
-    library's within `library_close` where the plan took one of our kernels); the `limit` closest,
-    and besides them every such library call. Both kinds, and the library further and always,
-    because a library call that timed slow alone once is then still tried whole: small-batch plans
-    kept a Triton QKV tile 5% slower end to end than cuBLAS, and a Triton fc1 14% slower than cuBLAS's
-    GELU epilogue (perf-notes attempt 57); a bfloat16 batch-2 plan kept that QKV tile 6.8% slower
-    end to end when cuBLAS, 3.2% behind alone, was the fifth closest (attempt 60)."""
-    found, library_for_ours = [], {}
-    for site in PLAN_SITES:
-        times = report.get(site) or {}
-        if not times:
+def site_swaps(plan: ops.Plan, report: dict, site: str, reach: float = DESCENT_REACH, ours: int = DESCENT_OURS,
+               library: int = DESCENT_LIBRARY) -> dict:
+    """{"site=name": plan with that one swap} for the site's `ours` fastest candidates of ours and its
+    `library` fastest library calls, each within `reach` of the site's best isolated time, fastest
+    alone first; the plan's own pick counts among them and is left out. The library is always in:
+    a library call that timed slow alone can win whole (cuBLAS QKV 3.2% behind alone, 6.8% ahead end
+    to end: perf-notes attempt 60). The LayerNorm tries each launch shape of ours, however it timed
+    alone, and not torch's: in ten batch-2 plans one shape ranked first to fifth of five alone, up to
+    33% behind the first (attempt 61), and it was the fastest end to end in seven of eight."""
+    times = report.get(site) or {}
+    if not times:
+        return {}
+    if site == "norm":
+        reach, ours, library = float("inf"), len(times), 0
+    best = min(times.values())
+    within = [name for name in sorted(times, key=times.get) if times[name] <= best * (1 + reach)]
+    picked = [n for n in within if _ours(n)][:ours] + [n for n in within if not _ours(n)][:library]
+    swaps = {f"{site}={name}": with_choice(plan, site, name) for name in sorted(picked, key=times.get)}
+    return {label: swap for label, swap in swaps.items() if swap != plan}
+
+
+def refine_plan(plan: ops.Plan, report: dict, time_plans, order=DESCENT_ORDER) -> tuple:
+    """Descend site by site (`time_plans({label: plan}) -> {label: ms}`, labels it could not run left
+    out): the plan as it stands and its swaps at one site are timed together, the fastest is kept,
+    then the next site. Returns (the plan, {label: ms}), where "plan@site" is the plan before that site."""
+    times = {}
+    for site in order:
+        swaps = site_swaps(plan, report, site)
+        if not swaps:
             continue
-        best, kinds = min(times.values()), set()
-        chosen_is_ours = any(_ours(name) and with_choice(plan, site, name) == plan for name in times)
-        for name in sorted(times, key=times.get):
-            alternative = with_choice(plan, site, name)
-            if alternative == plan or _ours(name) in kinds:
-                continue
-            kinds.add(_ours(name))
-            if chosen_is_ours and not _ours(name):
-                if times[name] <= best * (1 + max(close, library_close)):
-                    library_for_ours[f"{site}={name}"] = alternative
-            elif times[name] <= best * (1 + close):
-                found.append((times[name] / best, f"{site}={name}", alternative))
-    found.sort(key=lambda item: item[0])
-    return {**{label: alternative for _, label, alternative in found[:limit]}, **library_for_ours}
+        measured = time_plans({"plan": plan, **swaps})
+        times.update({(f"plan@{site}" if label == "plan" else label): ms for label, ms in measured.items()})
+        if "plan" in measured:
+            fastest = min(measured, key=measured.get)
+            plan = swaps.get(fastest, plan)
+    return plan, times
 
 
-def refine_plan(plan: ops.Plan, report: dict, time_plans) -> tuple:
-    """Time the plan against its runners-up end to end (`time_plans({label: plan}) -> {label: ms}`,
-    labels it could not run left out); if swaps at more than one site beat the plan, the combination
-    of each such site's fastest swap is timed against the best swap alone. Returns (the fastest plan,
-    {label: ms})."""
-    candidates = {"chosen": plan, **runners_up(plan, report)}
-    if len(candidates) == 1:
-        return plan, {}
-    times = time_plans(candidates)
-    if "chosen" not in times:
-        return plan, times
-    winners, sites = [], set()
-    for label in sorted((label for label in times if times[label] < times["chosen"]), key=times.get):
-        site = label.partition("=")[0]
-        if site not in sites:  # one swap per site: a slower second one would overwrite the faster
-            winners.append(label)   # (two proj swaps that both beat the plan: perf-notes attempt 61)
-            sites.add(site)
-    if len(winners) > 1:
-        combined = plan
-        for label in winners:
-            site, _, name = label.partition("=")
-            combined = with_choice(combined, site, name)
-        final = time_plans({winners[0]: candidates[winners[0]], "combined": combined})
-        times.update({f"{label} (again)": ms for label, ms in final.items() if label != "combined"})
-        if "combined" in final:
-            times["combined"] = final["combined"]
-            if winners[0] in final and final["combined"] < final[winners[0]]:
-                return combined, times
-    return candidates[winners[0] if winners else "chosen"], times
-
-
-def graph_timer(model, batch: int, target: Target, rounds: int = 3, budget_s: float = 0.04):
+def graph_timer(model, batch: int, target: Target, rounds: int = 3, budget_s: float = 0.025):
     """time_plans for refine_plan: each plan's whole forward captured in its own graph on one
     activation arena, then timed in alternation, `rounds` times (median kept), so clock drift
     under the power cap lands on every plan alike."""
@@ -630,7 +609,9 @@ def compile_engine(model, batch: int, target: Target, options: Options, cache_ro
             # timings, and a short end-to-end check would second-guess them
             refine = not report.get("sustained_s")
             if use_graph and refine and estimated_forward_ms(report, cfg.depth) <= REFINE_MAX_MS:
+                t_check = time.perf_counter()
                 plan, report["end_to_end"] = refine_plan(plan, report, graph_timer(model, batch, target))
+                report["phases_s"]["end_to_end"] = round(time.perf_counter() - t_check, 2)
             info["plan_s"] = round(time.perf_counter() - t_plan, 2)
             save_plan(directory, key, plan, report)
             info["plan_source"] = f"measured, saved to {directory}"

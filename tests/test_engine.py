@@ -265,106 +265,75 @@ def _plan_report():
     return plan, report
 
 
-def test_runners_up_are_each_sites_closest_alternative_within_reach():
-    from engine.compile import estimated_forward_ms, runners_up
+def test_site_swaps_are_each_sites_fastest_of_ours_and_the_librarys_within_reach():
+    from engine.compile import _ours, estimated_forward_ms, site_swaps
     plan, report = _plan_report()
-    alternatives = runners_up(plan, report, close=0.1, limit=4)
-    # closest first, then the library's calls beside our chosen kernels; proj's split tile (20% slower)
-    # and cuDNN (40%) are out of reach
-    assert list(alternatives) == ["fc2=m64n128k128w4s4x1fsk3", "norm=triton", "mlp_act=epilogue", "qkv=cublas"]
-    assert alternatives["mlp_act=epilogue"].mlp_act == "epilogue" and alternatives["mlp_act=epilogue"].fc1_tile == ""
-    assert alternatives["qkv=cublas"].qkv_tile == "" and alternatives["norm=triton"].norm_tile == ""
-    assert all(sum(getattr(a, f) != getattr(plan, f) for f in plan.as_dict()) <= 2 for a in alternatives.values())
-    # the limit counts the others only: a library call beside one of our kernels is always tried
-    # (a bfloat16 batch-2 plan lost qkv=cublas to the limit and kept a tile 6.8% slower, attempt 60)
-    assert list(runners_up(plan, report, close=0.1, limit=1)) == ["fc2=m64n128k128w4s4x1fsk3", "mlp_act=epilogue",
-                                                                  "qkv=cublas"]
-    assert runners_up(plan, report, close=0.01, library_close=0.01) == {"fc2=m64n128k128w4s4x1fsk3": alternatives[
-        "fc2=m64n128k128w4s4x1fsk3"]}
+    # the plan took our fc1 tile: cuBLAS's GELU epilogue is tried, "separate" (40% behind) is out of reach
+    assert list(site_swaps(plan, report, "mlp_act")) == ["mlp_act=epilogue"]
+    assert site_swaps(plan, report, "mlp_act")["mlp_act=epilogue"] == dataclasses.replace(plan, mlp_act="epilogue", fc1_tile="")
+    # the plan took cuBLAS for proj: our split tile, 20% behind alone, is tried
+    assert list(site_swaps(plan, report, "proj")) == ["proj=m64n64k128w4s4x1fsk2"]
+    assert site_swaps(plan, report, "proj", reach=0.1) == {}
+    # our fastest `ours` tiles (the plan's own counts) and the library's fastest, fastest alone first
+    qkv = {"m64n128k128w4s4x1f": 9.0, "m128n128k64w4s4x1f": 9.2, "m64n64k128w4s4x1f": 9.3,
+           "m128n64k64w4s4x1f": 9.4, "cublas": 9.6, "lt3": 9.7}
+    swaps = site_swaps(plan, {**report, "qkv": qkv}, "qkv")
+    assert list(swaps) == ["qkv=m128n128k64w4s4x1f", "qkv=m64n64k128w4s4x1f", "qkv=cublas"]
+    assert swaps["qkv=cublas"] == dataclasses.replace(plan, qkv_tile="")
+    assert list(site_swaps(plan, {**report, "qkv": qkv}, "qkv", ours=1, library=2)) == ["qkv=cublas", "qkv=lt3"]
+    # a library call further than the reach is not tried, nor is a site with no timings
+    assert "qkv=cublas" not in site_swaps(plan, {**report, "qkv": {**qkv, "cublas": 12.0}}, "qkv")
+    assert site_swaps(plan, {}, "qkv") == {}
+    # the LayerNorm tries each launch shape of ours however it timed alone, and not torch's
+    norm = {"triton:r2w4": 3.0, "triton": 3.3, "triton:r4w8": 4.5, "torch": 9.0}
+    assert list(site_swaps(plan, {**report, "norm": norm}, "norm")) == ["norm=triton", "norm=triton:r4w8"]
+    # every swap changes the one site only
+    for site in ("norm", "attention", "fc2"):
+        for swap in site_swaps(plan, report, site, reach=1.0).values():
+            assert swap != plan and sum(getattr(swap, f) != getattr(plan, f) for f in plan.as_dict()) <= 2
     assert estimated_forward_ms(report, depth=2) == pytest.approx(2 * (2 * 3.0 + 10.0 + 5.0 + 9.0 + 5.0 + 8.0))
-
-
-def test_runners_up_try_the_library_beside_our_next_tile():
-    # the plan took one of our QKV tiles; the next alternative is another of our tiles, and cuBLAS,
-    # a little further, is tried too (one of each kind per site, within reach)
-    from dataclasses import replace
-    from engine.compile import _ours, runners_up
-    plan, report = _plan_report()
-    report = {**report, "qkv": {"m64n128k128w4s4x1f": 9.0, "m128n128k64w4s4x1f": 9.2, "cublas": 9.6, "lt3": 9.7}}
-    alternatives = runners_up(plan, report, close=0.1, limit=8)
-    assert {"qkv=m128n128k64w4s4x1f", "qkv=cublas"} <= set(alternatives) and "qkv=lt3" not in alternatives
-    assert alternatives["qkv=cublas"] == replace(plan, qkv_tile="")
-    # the library's call is tried up to library_close behind where the plan took our tile, not further
-    def qkv(cublas):
-        return {**report, "qkv": {"m64n128k128w4s4x1f": 9.0, "m128n128k64w4s4x1f": 9.2, "cublas": cublas}}
-    assert "qkv=cublas" in runners_up(plan, qkv(11.0), close=0.1, limit=8)
-    assert "qkv=cublas" not in runners_up(plan, qkv(10.0), close=0.1, library_close=0.1)
-    assert "qkv=cublas" not in runners_up(plan, qkv(12.0), close=0.1, limit=8)
-    # where the plan took the library's call, our tiles get no wider reach: proj's split tile, 20% behind
-    assert "proj=m64n64k128w4s4x1fsk2" not in runners_up(plan, report, close=0.1, limit=8)
     assert [_ours(n) for n in ("cublas", "lt66.29.35.3.0.1", "epilogue:lt2", "separate", "cudnn", "torch")] == [False] * 6
     assert [_ours(n) for n in ("m64n64k128w4s4x1fsk2", "triton", "triton:r2w4", "cuda:w2s2")] == [True] * 4
 
 
-def test_refine_plan_keeps_the_fastest_whole_forward():
-    """The end-to-end check overrides the isolated timings: a swap that wins in the whole graph is
-    taken; two winning swaps are combined when the combination beats the better one alone."""
-    from engine.compile import refine_plan, with_choice
+def test_refine_plan_descends_to_the_fastest_whole_forward():
+    """The end-to-end check overrides the isolated timings, site by site: each site's swaps are timed
+    against the plan as it stands, and the fastest is kept before the next site."""
+    from engine.compile import refine_plan, site_swaps, with_choice
     plan, report = _plan_report()
     calls = []
 
     def timer(whole_forward_ms):
         def time_plans(plans):
-            calls.append(list(plans))
+            calls.append(dict(plans))
             return {label: whole_forward_ms(p) for label, p in plans.items()}
         return time_plans
 
-    # nothing beats the plan end to end: it stays
+    # nothing beats the plan end to end: it stays, and every site with a swap was tried once
     same, times = refine_plan(plan, report, timer(lambda p: 1.0 if p == plan else 1.1))
-    assert same == plan and set(times) == {"chosen", *calls[0][1:]} and len(calls) == 1
+    assert same == plan and len(calls) == sum(bool(site_swaps(plan, report, s)) for s in
+                                              ("qkv", "proj", "fc2", "mlp_act", "norm", "attention"))
+    assert all(c["plan"] == plan for c in calls) and times["plan@qkv"] == 1.0
     # our fc1 lost end to end (attempt 31): cuBLAS's GELU epilogue is taken
-    epilogue = with_choice(plan, "mlp_act", "epilogue")
     chosen, _ = refine_plan(plan, report, timer(lambda p: 0.9 if p.mlp_act == "epilogue" else 1.0))
-    assert chosen == epilogue
-    # two independent wins combine
+    assert chosen == with_choice(plan, "mlp_act", "epilogue")
+    # swaps at two sites add up; a later site's swaps are timed in the plan with the earlier site's win
     calls.clear()
 
-    def additive(p):
-        return 1.0 - 0.05 * (p.mlp_act == "epilogue") - 0.03 * (p.qkv_tile == "")
+    def additive(p):  # session 19's batch-2 plans: cuBLAS QKV with our other proj tile was fastest
+        return 0.4565 - 0.011 * (p.qkv_tile == "") - 0.016 * (p.proj_tile == "m64n64k128w4s4x1fsk2")
     chosen, times = refine_plan(plan, report, timer(additive))
-    assert chosen.mlp_act == "epilogue" and chosen.qkv_tile == "" and len(calls) == 2
-    assert times["combined"] == pytest.approx(0.92)
-    # ... unless together they are slower than the better one alone
-    chosen, _ = refine_plan(plan, report, timer(lambda p: additive(p) + 0.1 * (p.mlp_act == "epilogue"
-                                                                                and p.qkv_tile == "")))
-    assert chosen == epilogue
-    # a plan that could not be captured is left out, the rest still compete
-    chosen, times = refine_plan(plan, report, lambda plans: {k: additive(v) for k, v in plans.items()
-                                                             if k != "mlp_act=epilogue"})
-    assert chosen.qkv_tile == "" and chosen.mlp_act == plan.mlp_act and "mlp_act=epilogue" not in times
-
-
-def test_refine_plan_combines_one_swap_per_site():
-    """Two swaps of one site can both beat the plan end to end (proj to another of our tiles and proj
-    to cuBLAS, perf-notes attempt 61): the combination takes the faster, not the one applied last."""
-    from dataclasses import replace
-    from engine.compile import refine_plan, runners_up
-    plan, report = _plan_report()
-    plan = replace(plan, proj_tile="m64n64k128w4s4x1f")
-    report = {**report, "proj": {"m64n64k128w4s4x1f": 5.0, "m64n128k128w4s4x1fsk3": 5.1, "cublas": 5.2}}
-    assert {"proj=m64n128k128w4s4x1fsk3", "proj=cublas"} <= set(runners_up(plan, report))
-    seen = []
-
-    def whole_forward_ms(p):  # session 19's batch-2 plans: cuBLAS QKV with our proj tile was fastest
-        return (0.4565 - 0.011 * (p.qkv_tile == "") - 0.016 * (p.proj_tile == "m64n128k128w4s4x1fsk3")
-                - 0.0002 * (p.proj_tile == ""))
-
-    def time_plans(plans):
-        seen.append(dict(plans))
-        return {label: whole_forward_ms(p) for label, p in plans.items()}
-    chosen, times = refine_plan(plan, report, time_plans)
-    assert chosen.qkv_tile == "" and chosen.proj_tile == "m64n128k128w4s4x1fsk3"
-    assert seen[-1]["combined"] == chosen and times["combined"] == pytest.approx(0.4565 - 0.027)
+    assert chosen.qkv_tile == "" and chosen.proj_tile == "m64n64k128w4s4x1fsk2"
+    assert calls[1]["plan"].qkv_tile == "" and times["proj=m64n64k128w4s4x1fsk2"] == pytest.approx(0.4565 - 0.027)
+    # a swap no faster than the plan as it stands is not taken; one that could not be captured is left out
+    chosen, _ = refine_plan(plan, report, lambda plans: {k: additive(v) for k, v in plans.items() if k != "qkv=cublas"})
+    assert chosen.qkv_tile == plan.qkv_tile and chosen.proj_tile == "m64n64k128w4s4x1fsk2"
+    # a site whose plan could not be captured keeps its pick
+    chosen, _ = refine_plan(plan, report, lambda plans: {k: additive(v) for k, v in plans.items() if k != "plan"})
+    assert chosen == plan
+    # the order matters only through the plan each site is timed in: the check visits each site once
+    visited = [next(k for k in c if k != "plan").partition("=")[0] for c in calls]
+    assert visited == sorted(set(visited), key=visited.index)
 
 
 def test_large_batch_finalists_are_chosen_by_their_sustained_time():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU self-checks, verification, engine sweep, baselines, profiles.
-# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks cold ab tiles power
+# Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks picks cold ab tiles power
 #                                        attention beside)
 # cold times MODEL:BATCH[:DTYPE] specs from COLD_SIZES (default: both models at batch 1 and 256).
 set -u
@@ -43,6 +43,18 @@ for step in "$@"; do
           python3 benchmark_pt.py --model-name "$m" --batch-size "$b" --mode "$mode" --output-dir "$dir" 2>&1 | grep -E "batch $b|rror"
         done
         python3 benchmark_ait.py --model-name "$m" --batch-size "$b" --output-dir "$dir" 2>&1 | grep -E "ait ait batch|rror"
+      done;;
+    picks) log "picks: ${PICK_RUNS:-5} processes per spec in ${PICK_SIZES:-vit_base_patch16_224:2:float16 vit_base_patch16_224:2:bfloat16}, each planning into its own cache, then one loading it"
+      for spec in ${PICK_SIZES:-vit_base_patch16_224:2:float16 vit_base_patch16_224:2:bfloat16}; do
+        IFS=: read -r m b dt <<< "$spec"; dt=${dt:-float16}
+        for i in $(seq "${PICK_RUNS:-5}"); do
+          for pass in plan load; do
+            python3 benchmark_ait.py --model-name "$m" --batch-size "$b" --dtype "$dt" --cache-dir "$OUT/picks/c$i" \
+              --output-dir "$OUT/picks/r" 2>&1 | grep -E "ait ait batch|rror" | sed "s/^/$dt $i $pass: /"
+          done
+          python3 -c "import json,sys; e=json.load(open(sys.argv[1])); t=e['measured'].get('end_to_end') or {0: 0}; print(' plan', {k: v for k, v in e['plan'].items() if v}, 'check_s', e['measured']['phases_s'].get('end_to_end'), 'timed', len(t), 'fastest %.4f' % min(t.values()))" \
+            "$OUT/picks/c$i/${m}_ait_bs${b}_${dt}/plan.json"
+        done
       done;;
     cold) log "cold: one batch size compiled from an empty Triton cache and plan cache, each"
       for spec in ${COLD_SIZES:-vit_base_patch16_224:1 vit_large_patch16_384:1 vit_base_patch16_224:256 vit_large_patch16_384:256}; do
