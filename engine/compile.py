@@ -178,7 +178,7 @@ def _sustained_ms(run, calls: int, estimate_ms: float, seconds: float) -> float:
 
 
 def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, rounds: int = 2,
-             site_s: float = 0.6, sustain_s: float = 0.0) -> tuple:
+             site_s: float = 0.6, sustain_s: float = 0.0, settle: bool = True, first: Optional[dict] = None) -> tuple:
     """Time each callable (skipping those that fail here); return (name, {name: ms per call}).
     The first pass gives each at most 0.12 s and all together about `site_s` (a large-batch GEMM
     site has up to eleven library candidates: the compile budget). Up to four candidates within `close`
@@ -190,8 +190,11 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
     With `sustain_s` (large batches, in graphs) the first SUSTAIN_FINALISTS instead run back to back
     for `sustain_s` each and the winner is the fastest of them there: every large-batch kernel runs
     at the H100's power cap, where a short timing, taken at the clock the previous kernel left,
-    favours the power-hungry ones (perf-notes attempt 45)."""
-    times, calls = {}, {}
+    favours the power-hungry ones (perf-notes attempt 45).
+
+    settle=False stops after the first pass (its timings only shortlist where the plan is checked end
+    to end); `first` is such a pass's {name: ms}, to settle later without timing every one again."""
+    times, calls = dict(first or {}), {}
 
     def time_one(name, budget_s, min_iters=10):
         fn = candidates[name]
@@ -211,7 +214,7 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
         return measure(run, device, warmup_s=0.01 if n == 1 else 0.03, min_iters=min_iters, max_iters=200,
                        budget_s=budget_s / 3 if n == 1 else budget_s).median_ms / n
     first_s = min(0.12, site_s / len(candidates))
-    for name in candidates:
+    for name in ([] if first else candidates):
         try:
             times[name] = time_one(name, first_s)
         except torch.cuda.OutOfMemoryError:
@@ -220,6 +223,8 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
             continue  # a backend that does not support this shape, dtype or GPU
     if not times:
         raise EngineError(f"no implementation of {', '.join(candidates)} runs here")
+    if not settle:
+        return min(times, key=times.get), times
     best = min(times.values())
     finalists = sorted((n for n in times if times[n] <= best * (1 + close)), key=times.get)[:4]
     if len(finalists) > 1 and sustain_s > 0 and use_graph:
@@ -227,7 +232,8 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
         sustained = []
         for n in finalists[:SUSTAIN_FINALISTS]:
             try:
-                times[n] = _sustained_ms(_graphed(candidates[n], calls[n]), calls[n], times[n], sustain_s)
+                n_calls = calls.get(n) or (1 if times[n] >= 0.2 else 5)
+                times[n] = _sustained_ms(_graphed(candidates[n], n_calls), n_calls, times[n], sustain_s)
                 sustained.append(n)
             except (RuntimeError, ValueError, NotImplementedError, _TritonError):
                 continue
@@ -374,32 +380,30 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
                                      embed, cuda_attn) for launch in site.values()])
     phase("precompile")
 
-    norm, t_norm = _fastest(norms, dev, use_graph, sustain_s=sustain)
-    norm, _, norm_tile = norm.partition(":")
-    phase("norm")
-
-    mlp_act, t_act = _fastest({**fc1, **triton_fc1}, dev, use_graph, sustain_s=sustain)
-    mlp_act, _, fc1_tile = mlp_act.partition(":")
-    phase("mlp_act")
-
-    def gemm_site(cublas, others):
-        name, t = _fastest({"cublas": cublas, **others}, dev, use_graph, sustain_s=sustain)
-        return ("" if name == "cublas" else name), t
-    qkv_tile, t_qkv = gemm_site(lambda: ops.linear(x, w, b), {**lt_qkv, **triton_qkv})
-    proj_tile, t_proj = gemm_site(lambda: ops.residual_linear(x, a, blk.proj.weight, residual),
-                                  {**lt_proj, **triton_proj})
-    fc2_tile, t_fc2 = gemm_site(lambda: ops.residual_linear(x, h, blk.fc2.weight, residual), {**lt_fc2, **triton_fc2})
-    phase("qkv, proj, fc2")
-    attention, t_attn = _fastest({**sdpa, **triton_attention, **cuda_attn}, dev, use_graph, sustain_s=sustain)
-    attention, _, tile = attention.partition(":")
-    phase("attention")
+    # where the plan is checked end to end (a short forward, in a graph), the isolated timings only
+    # shortlist its candidates: their first pass is enough, and settling every site's close ones again
+    # took ~2.5 s of a small batch's compile (perf-notes attempt 64)
+    sites = {"norm": norms, "mlp_act": {**fc1, **triton_fc1},
+             "qkv": {"cublas": lambda: ops.linear(x, w, b), **lt_qkv, **triton_qkv},
+             "proj": {"cublas": lambda: ops.residual_linear(x, a, blk.proj.weight, residual), **lt_proj, **triton_proj},
+             "fc2": {"cublas": lambda: ops.residual_linear(x, h, blk.fc2.weight, residual), **lt_fc2, **triton_fc2},
+             "attention": {**sdpa, **triton_attention, **cuda_attn}}
+    defer = use_graph and not sustain  # (sustained timings are not second-guessed by a short check)
+    picks, report = {}, {}
+    for site, candidates in sites.items():
+        picks[site], report[site] = _fastest(candidates, dev, use_graph, sustain_s=sustain, settle=not defer)
+        phase(site)
+    check = defer and estimated_forward_ms(report, cfg.depth) <= REFINE_MAX_MS
+    if defer and not check:
+        for site, candidates in sites.items():
+            picks[site], report[site] = _fastest(candidates, dev, use_graph, first=report[site])
+        phase("settle")
     # the embedding's two copies are not timed: our kernels ran at the copy floor, torch's at 38-54% of
     # its bandwidth, at every size measured (perf-notes attempt 44)
-    plan = ops.Plan(norm=norm, norm_tile=norm_tile, mlp_act=mlp_act, residual=residual, attention=attention,
-                    attention_tile=tile, qkv_tile=qkv_tile, fc1_tile=fc1_tile, proj_tile=proj_tile, fc2_tile=fc2_tile,
-                    embed="triton")
-    return plan, {"norm": t_norm, "mlp_act": t_act, "residual": t_res, "attention": t_attn, "qkv": t_qkv,
-                  "proj": t_proj, "fc2": t_fc2, "phases_s": phases, "sustained_s": sustain}
+    plan = ops.Plan(residual=residual, embed="triton")
+    for site, name in picks.items():
+        plan = with_choice(plan, site, name)
+    return plan, {**report, "residual": t_res, "phases_s": phases, "sustained_s": sustain, "check_end_to_end": check}
 
 
 # --- checking the plan end to end --------------------------------------------------------------
@@ -605,10 +609,7 @@ def compile_engine(model, batch: int, target: Target, options: Options, cache_ro
                 log(f"note: {directory}: {why}; rebuilding")
             t_plan = time.perf_counter()
             plan, report = choose_plan(model.set_plan(ops.Plan()), batch, target, options, use_graph)
-            # not where the sites' finalists were timed sustained: the report mixes those with short
-            # timings, and a short end-to-end check would second-guess them
-            refine = not report.get("sustained_s")
-            if use_graph and refine and estimated_forward_ms(report, cfg.depth) <= REFINE_MAX_MS:
+            if report.get("check_end_to_end"):
                 t_check = time.perf_counter()
                 plan, report["end_to_end"] = refine_plan(plan, report, graph_timer(model, batch, target))
                 report["phases_s"]["end_to_end"] = round(time.perf_counter() - t_check, 2)

@@ -184,6 +184,15 @@ def test_plan_choice_outvotes_a_transient_slowdown():
     start.clear()
     name, _ = _fastest({"transient": transient, "steady": steady}, torch.device("cpu"), use_graph=False, rounds=0)
     assert name == "steady"
+    # the same in two steps: a first pass that only shortlists, settled later from its timings
+    start.clear()
+    name, first = _fastest({"transient": transient, "steady": steady}, torch.device("cpu"), use_graph=False,
+                           settle=False)
+    assert name == "steady" and set(first) == {"transient", "steady"}
+    far = []
+    name, times = _fastest({"transient": transient, "steady": steady, "far": lambda: far.append(1)},
+                           torch.device("cpu"), use_graph=False, first=first)
+    assert name == "transient" and not far and "far" not in times  # nothing outside the first pass is timed
 
 
 def test_plan_times_long_calls_one_per_graph_replay():
@@ -241,7 +250,8 @@ def test_choose_plan_times_every_candidate_of_every_site():
     assert set(report["norm"]) == {"torch", "triton"} | {f"triton:{t}" for t in kernels.norm_tiles(34)}
     assert set(report["attention"]) == {"math"} and isinstance(plan, ops.Plan)
     # where the plan's time went, phase by phase, for cold-compile reports
-    assert list(report["phases_s"]) == ["setup", "precompile", "norm", "mlp_act", "qkv, proj, fc2", "attention"]
+    assert list(report["phases_s"]) == ["setup", "precompile", "norm", "mlp_act", "qkv", "proj", "fc2", "attention"]
+    assert report["check_end_to_end"] is False  # no graphs: no end-to-end check
     assert all(s >= 0 for s in report["phases_s"].values())
     # every timed candidate names a valid plan, and the plan's own choices map back to it
     from engine.compile import PLAN_SITES, with_choice
@@ -263,6 +273,35 @@ def _plan_report():
               "attention": {"triton:m64n64w4s3": 5.0, "cudnn": 7.0},
               "residual": {"add": 2.0, "addmm": 1.0}}
     return plan, report
+
+
+@pytest.mark.parametrize("site_ms, checked", [(0.01, True), (1.0, False)])
+def test_choose_plan_settles_its_sites_only_where_no_end_to_end_check_follows(site_ms, checked):
+    """In graphs, below the large-batch rows, each site gets one short pass first; where the estimated
+    forward is short enough for the end-to-end check, that pass only shortlists and nothing is timed
+    again; otherwise every site's close candidates are settled from that pass."""
+    from unittest import mock
+
+    from engine import compile as comp
+    from engine.target import Target
+    cfg = vit_config("vit_micro_patch8_32")
+    model = wu.build_engine(cfg, wu.convert(wu.source_model(cfg, seed=0)[0], cfg), torch.float16, "cpu")
+    calls = []
+
+    def fake_fastest(candidates, device, use_graph, **kw):
+        calls.append(kw)
+        times = kw.get("first") or {name: site_ms * (1 + i / 10) for i, name in enumerate(candidates)}
+        return min(times, key=times.get), dict(times)
+    with mock.patch.object(Target, "attention_backends", new=property(lambda self: ("math",))), \
+            mock.patch.object(comp, "_fastest", fake_fastest), mock.patch.object(comp, "_precompile", lambda l: None):
+        plan, report = comp.choose_plan(model, 2, Target("cpu", torch.device("cpu"), "cpu"), Options(), use_graph=True)
+    first, settled = calls[1:7], calls[7:]  # calls[0]: the residual form, settled at once
+    assert calls[0].get("settle", True) and all(kw["settle"] is False for kw in first)
+    assert report["check_end_to_end"] is checked and ("settle" in report["phases_s"]) is not checked
+    assert len(settled) == (0 if checked else 6)
+    assert all(kw["first"] == report[site] for kw, site in zip(settled, ("norm", "mlp_act", "qkv", "proj", "fc2",
+                                                                       "attention")))
+    assert plan.norm == "torch" and plan.qkv_tile == "" and plan.attention == "math"  # each site's fastest
 
 
 def test_site_swaps_are_each_sites_fastest_of_ours_and_the_librarys_within_reach():
