@@ -310,8 +310,10 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     def usable(tile, accumulate):  # its shared memory holds this epilogue; split K only accumulates
         tile = ops.parse_gemm_tile(tile)
         return tile.fits() and (accumulate or tile.split_k == 1)
+    # our fc1 tiles only where cuBLAS's tanh epilogue may not run: beside it they never won (132 plans below
+    # LIBRARY_ROWS, engines 15-20; perf-notes attempt 64), and each is a kernel to compile cold
     triton_fc1 = {f"{ours}:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, ours, t))
-                  for t in tiles if usable(t, False)}
+                  for t in tiles if usable(t, False) and not tanh_ok}
 
     def gemm_tiled(run_tile, accumulate=False):
         return {t: (lambda t=t: run_tile(t)) for t in tiles if usable(t, accumulate)}

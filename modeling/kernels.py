@@ -120,7 +120,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 # Launches of the LayerNorm that beat the by-size default at up to a few thousand rows
 # (tools/norm_tiles.py, perf-notes attempt 30): fewer rows per program, more programs in flight.
-NORM_TILE_CANDIDATES = ("r1w2", "r2w4", "r2w8", "r4w8")
+NORM_TILE_CANDIDATES = ("r2w4", "r2w8", "r4w8")  # r1w2 won once in 164 plans below 8192 rows (engines 15-20)
 
 
 @triton.jit
@@ -321,9 +321,10 @@ def tma_supported(device: torch.device, head_dim: int) -> bool:
 
 
 # The tiles that won somewhere on the H100 (tools/attention_tiles.py, docs/perf-notes.md): 64 query
-# rows with 4 warps almost everywhere, TMA loads at 576 tokens, long key steps at batch 1.
-_TILE_CANDIDATES = ("m64n64w4s3", "m64n64w4s3tma", "m64n32w4s3", "m64n32w4s3tma", "m64n128w4s2",
-                    "m128n64w8s3tma")
+# rows with 4 warps almost everywhere, TMA loads at 576 tokens, long key steps at batch 1. Below
+# LIBRARY_ROWS, in 164 plans of engines 15-20, nothing else won but the by-size default once (perf-notes
+# attempt 64): each tile left out is a kernel less to compile cold.
+_TILE_CANDIDATES = ("m64n64w4s3", "m64n64w4s3tma", "m64n32w4s3", "m64n128w4s2")
 # From LIBRARY_ROWS rows only these ever won (134 measured plans with Triton attention there,
 # sessions 3-13; the others chose cuDNN): each tile left out is a kernel less to compile and time
 # (perf-notes attempt 41).
@@ -332,19 +333,12 @@ _LARGE_TILE_CANDIDATES = ("m64n64w4s3", "m64n64w4s3tma", "m128n64w8s3tma")
 
 def attention_tiles(batch: int, heads: int, seq: int, head_dim: int, device: torch.device,
                     sms: int = 132) -> list:
-    """The tiles worth timing at this shape (engine/compile.py picks the fastest)."""
+    """The tiles worth timing at this shape (engine/compile.py picks the fastest); `heads` and `sms`
+    shaped a by-size default that was a candidate until it stopped winning (attempt 64)."""
     from .ops import parse_attention_tile
-    if batch * seq >= LIBRARY_ROWS:
-        tiles = [parse_attention_tile(t) for t in _LARGE_TILE_CANDIDATES]
-        return [t for t in tiles if not t.tma or tma_supported(device, head_dim)]
-    tiles = [default_attention_tile(batch, heads, seq, sms)]
-    for text in _TILE_CANDIDATES:
-        tile = parse_attention_tile(text)
-        if tile.tma and not tma_supported(device, head_dim):
-            continue
-        if tile not in tiles:
-            tiles.append(tile)
-    return tiles
+    names = _LARGE_TILE_CANDIDATES if batch * seq >= LIBRARY_ROWS else _TILE_CANDIDATES
+    tiles = [parse_attention_tile(t) for t in names]
+    return [t for t in tiles if not t.tma or tma_supported(device, head_dim)]
 
 
 def attention(qkv: torch.Tensor, batch: int, heads: int, head_dim: int,
@@ -491,7 +485,7 @@ class GemmTile:
 # perf-notes attempt 28), and split K for the small-M residual GEMMs (attempt 29).
 GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n256k64w8s3x2fws", "m128n128k64w4s4x1f",
                         "m64n128k64w4s4x1f", "m64n128k128w4s4x1f", "m64n64k128w4s4x1f",
-                        "m128n128k64w4s4x1fsk2", "m128n128k64w4s4x1fsk3", "m64n128k128w4s4x1fsk3",
+                        "m128n128k64w4s4x1fsk3", "m64n128k128w4s4x1fsk3",
                         "m64n64k128w4s4x1fsk2")
 
 

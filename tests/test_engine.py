@@ -246,7 +246,7 @@ def test_choose_plan_times_every_candidate_of_every_site():
     assert tiles - unsplit  # split K: timed at the residual sites only
     assert set(report["qkv"]) == {"cublas"} | unsplit
     assert set(report["proj"]) == set(report["fc2"]) == {"cublas"} | tiles
-    assert set(report["mlp_act"]) == {"separate", "epilogue"} | {f"triton:{t}" for t in unsplit}
+    assert set(report["mlp_act"]) == {"separate", "epilogue"}  # our fc1 tiles only where the epilogue may not run
     assert set(report["norm"]) == {"torch", "triton"} | {f"triton:{t}" for t in kernels.norm_tiles(34)}
     assert set(report["attention"]) == {"math"} and isinstance(plan, ops.Plan)
     # where the plan's time went, phase by phase, for cold-compile reports
@@ -259,6 +259,13 @@ def test_choose_plan_times_every_candidate_of_every_site():
         for name in report[site]:
             assert isinstance(with_choice(plan, site, name), ops.Plan)
         assert with_choice(plan, site, min(report[site], key=report[site].get)) == plan
+    # where the exact GELU is asked for, cuBLAS's tanh epilogue is out and our exact-GELU tiles are in
+    one = ("m64n64k128w4s4x1f",)
+    with mock.patch.object(Target, "attention_backends", new=property(lambda self: ("math",))), \
+            mock.patch.object(kernels, "gemm_tiles", lambda rows, deterministic: one):
+        _, report = choose_plan(model, 2, Target("cpu", torch.device("cpu"), "cpu"), Options(exact_gelu=True),
+                                use_graph=False)
+    assert cfg.act == "gelu" and set(report["mlp_act"]) == {"separate", "triton_erf:m64n64k128w4s4x1f"}
 
 
 def _plan_report():
