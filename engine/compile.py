@@ -24,7 +24,7 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "20"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+ENGINE_VERSION = "21"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
 # 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
 # 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%;
 # 9: cuBLASLt algorithms beyond its heuristic's first; 10: Triton kernels by programmatic dependent launch;
@@ -33,7 +33,8 @@ ENGINE_VERSION = "20"  # 2: the plan names Triton attention and GEMM tiles; 3: f
 # attention kernel for <= 256 tokens (cuda_attention) among the candidates; 15: its output by TMA store, w2s2 timed again;
 # 16: the end-to-end check always tries the library's call beside each of our kernels the plan took;
 # 17: ... and credited a swap to the library's call (withdrawn); 18: the combination takes one swap per site;
-# 19: a trial, reverted (perf-notes attempt 61); 20: the check descends site by site (attempt 64)
+# 19: a trial, reverted (perf-notes attempt 61); 20: the check descends site by site (attempt 64);
+# 21: ... over candidates besides the plan's own pick (20 never tried the epilogue when the plan took "separate")
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -423,8 +424,8 @@ PLAN_SITES = ("mlp_act", "qkv", "proj", "fc2", "attention", "norm")
 DESCENT_ORDER = ("qkv", "proj", "fc2", "mlp_act", "norm", "attention")  # the GEMMs' picks moved most end to end
 REFINE_MAX_MS = 4.0   # estimated forward above which the end-to-end check is not worth its compile time
 DESCENT_REACH = 0.30  # a candidate more than this much slower alone than its site's best is not tried
-DESCENT_OURS = 3      # of our kernels per site, the fastest alone (the plan's own pick among them)
-DESCENT_LIBRARY = 1   # of the libraries' calls per site, the fastest alone
+DESCENT_OURS = 3      # of our kernels per site, the fastest alone besides the plan's own pick
+DESCENT_LIBRARY = 1   # of the libraries' calls per site, likewise
 
 
 def with_choice(plan: ops.Plan, site: str, name: str) -> ops.Plan:
@@ -457,22 +458,23 @@ def _ours(name: str) -> bool:
 def site_swaps(plan: ops.Plan, report: dict, site: str, reach: float = DESCENT_REACH, ours: int = DESCENT_OURS,
                library: int = DESCENT_LIBRARY) -> dict:
     """{"site=name": plan with that one swap} for the site's `ours` fastest candidates of ours and its
-    `library` fastest library calls, each within `reach` of the site's best isolated time, fastest
-    alone first; the plan's own pick counts among them and is left out. The library is always in:
-    a library call that timed slow alone can win whole (cuBLAS QKV 3.2% behind alone, 6.8% ahead end
-    to end: perf-notes attempt 60). The LayerNorm tries each launch shape of ours, however it timed
-    alone, and not torch's: in ten batch-2 plans one shape ranked first to fifth of five alone, up to
-    33% behind the first (attempt 61), and it was the fastest end to end in seven of eight."""
+    `library` fastest library calls besides the plan's own pick, each within `reach` of the site's best
+    isolated time, fastest alone first. The library is always in: a library call that timed slow alone
+    can win whole (cuBLAS QKV 3.2% behind alone, 6.8% ahead end to end: perf-notes attempt 60; cuBLAS's
+    GELU epilogue, behind the separate GELU in one short pass, 4% ahead end to end: attempt 64). The
+    LayerNorm tries each launch shape of ours, however it timed alone, and not torch's: in ten batch-2
+    plans one shape ranked first to fifth of five alone, up to 33% behind the first (attempt 61), and it
+    was the fastest end to end in seven of eight."""
     times = report.get(site) or {}
     if not times:
         return {}
     if site == "norm":
         reach, ours, library = float("inf"), len(times), 0
     best = min(times.values())
-    within = [name for name in sorted(times, key=times.get) if times[name] <= best * (1 + reach)]
-    picked = [n for n in within if _ours(n)][:ours] + [n for n in within if not _ours(n)][:library]
-    swaps = {f"{site}={name}": with_choice(plan, site, name) for name in sorted(picked, key=times.get)}
-    return {label: swap for label, swap in swaps.items() if swap != plan}
+    others = [name for name in sorted(times, key=times.get)
+              if times[name] <= best * (1 + reach) and with_choice(plan, site, name) != plan]
+    picked = [n for n in others if _ours(n)][:ours] + [n for n in others if not _ours(n)][:library]
+    return {f"{site}={name}": with_choice(plan, site, name) for name in sorted(picked, key=times.get)}
 
 
 def refine_plan(plan: ops.Plan, report: dict, time_plans, order=DESCENT_ORDER) -> tuple:
