@@ -34,7 +34,8 @@ ENGINE_VERSION = "21"  # 2: the plan names Triton attention and GEMM tiles; 3: f
 # 16: the end-to-end check always tries the library's call beside each of our kernels the plan took;
 # 17: ... and credited a swap to the library's call (withdrawn); 18: the combination takes one swap per site;
 # 19: a trial, reverted (perf-notes attempt 61); 20: the check descends site by site (attempt 64);
-# 21: ... over candidates besides the plan's own pick (20 never tried the epilogue when the plan took "separate")
+# 21: ... over candidates besides the plan's own pick, the library's however it timed alone (20 never tried
+# cuBLAS's GELU epilogue where a short pass had put the separate GELU first)
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -423,7 +424,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
 PLAN_SITES = ("mlp_act", "qkv", "proj", "fc2", "attention", "norm")
 DESCENT_ORDER = ("qkv", "proj", "fc2", "mlp_act", "norm", "attention")  # the GEMMs' picks moved most end to end
 REFINE_MAX_MS = 4.0   # estimated forward above which the end-to-end check is not worth its compile time
-DESCENT_REACH = 0.30  # a candidate more than this much slower alone than its site's best is not tried
+DESCENT_REACH = 0.30  # a kernel of ours more than this much slower alone than its site's best is not tried
 DESCENT_OURS = 3      # of our kernels per site, the fastest alone besides the plan's own pick
 DESCENT_LIBRARY = 1   # of the libraries' calls per site, likewise
 
@@ -457,11 +458,12 @@ def _ours(name: str) -> bool:
 
 def site_swaps(plan: ops.Plan, report: dict, site: str, reach: float = DESCENT_REACH, ours: int = DESCENT_OURS,
                library: int = DESCENT_LIBRARY) -> dict:
-    """{"site=name": plan with that one swap} for the site's `ours` fastest candidates of ours and its
-    `library` fastest library calls besides the plan's own pick, each within `reach` of the site's best
-    isolated time, fastest alone first. The library is always in: a library call that timed slow alone
-    can win whole (cuBLAS QKV 3.2% behind alone, 6.8% ahead end to end: perf-notes attempt 60; cuBLAS's
-    GELU epilogue, behind the separate GELU in one short pass, 4% ahead end to end: attempt 64). The
+    """{"site=name": plan with that one swap} for the site's `ours` fastest candidates of ours within
+    `reach` of its best isolated time and its `library` fastest library calls however they timed, each
+    besides the plan's own pick, fastest alone first. The library's call is always tried: one short
+    timing can put it far behind (cuBLAS's GELU epilogue once timed 40% slow alone: `_fastest`), and
+    it can win whole where it trailed alone (cuBLAS QKV 3.2% behind alone, 6.8% ahead end to end:
+    perf-notes attempt 60; the epilogue 4% ahead of the separate GELU end to end: attempt 64). The
     LayerNorm tries each launch shape of ours, however it timed alone, and not torch's: in ten batch-2
     plans one shape ranked first to fifth of five alone, up to 33% behind the first (attempt 61), and it
     was the fastest end to end in seven of eight."""
@@ -471,9 +473,9 @@ def site_swaps(plan: ops.Plan, report: dict, site: str, reach: float = DESCENT_R
     if site == "norm":
         reach, ours, library = float("inf"), len(times), 0
     best = min(times.values())
-    others = [name for name in sorted(times, key=times.get)
-              if times[name] <= best * (1 + reach) and with_choice(plan, site, name) != plan]
-    picked = [n for n in others if _ours(n)][:ours] + [n for n in others if not _ours(n)][:library]
+    others = [name for name in sorted(times, key=times.get) if with_choice(plan, site, name) != plan]
+    picked = ([n for n in others if _ours(n) and times[n] <= best * (1 + reach)][:ours]
+              + [n for n in others if not _ours(n)][:library])
     return {f"{site}={name}": with_choice(plan, site, name) for name in sorted(picked, key=times.get)}
 
 
