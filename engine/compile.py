@@ -33,7 +33,8 @@ ENGINE_VERSION = "21"  # 2: the plan names Triton attention and GEMM tiles; 3: f
 # attention kernel for <= 256 tokens (cuda_attention) among the candidates; 15: its output by TMA store, w2s2 timed again;
 # 16: the end-to-end check always tries the library's call beside each of our kernels the plan took;
 # 17: ... and credited a swap to the library's call (withdrawn); 18: the combination takes one swap per site;
-# 19: a trial, reverted (perf-notes attempt 61); 20: the check descends site by site (attempt 64);
+# 19: a trial, reverted (perf-notes attempt 61); 20: the check descends site by site, the sites' isolated
+# timings one pass where it follows, and below 8192 rows only candidates that ever won (attempt 64);
 # 21: ... over candidates besides the plan's own pick, the library's however it timed alone (20 never tried
 # cuBLAS's GELU epilogue where a short pass had put the separate GELU first)
 DEFAULT_CACHE_ROOT = Path("tmp")
@@ -206,7 +207,7 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
         if name not in calls:
             # a call of 0.2 ms or more is timed one per replay, fewer times: its launch overhead
             # is noise, and at large batch five per replay made the timing most of a compile
-            # (decided once per candidate; the re-timing rounds reuse the decision)
+            # (decided once per candidate in a call; the re-timing rounds reuse the decision)
             run = _graphed(fn, 1)
             long = measure(run, device, warmup_s=0, min_iters=2, max_iters=2, budget_s=0).median_ms >= 0.2
             calls[name] = 1 if long else 5
@@ -312,7 +313,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     def usable(tile, accumulate):  # its shared memory holds this epilogue; split K only accumulates
         tile = ops.parse_gemm_tile(tile)
         return tile.fits() and (accumulate or tile.split_k == 1)
-    # our fc1 tiles only where cuBLAS's tanh epilogue may not run: beside it they never won (132 plans below
+    # our fc1 tiles only where cuBLAS's tanh epilogue may not run: beside it they never won (121 plans below
     # LIBRARY_ROWS, engines 15-20; perf-notes attempt 64), and each is a kernel to compile cold
     triton_fc1 = {f"{ours}:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, ours, t))
                   for t in tiles if usable(t, False) and not tanh_ok}
@@ -386,7 +387,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
 
     # where the plan is checked end to end (a short forward, in a graph), the isolated timings only
     # shortlist its candidates: their first pass is enough, and settling every site's close ones again
-    # took ~2.5 s of a small batch's compile (perf-notes attempt 64)
+    # (up to four, twice each) cost up to 1.5 s of a small batch's compile (perf-notes attempt 64)
     sites = {"norm": norms, "mlp_act": {**fc1, **triton_fc1},
              "qkv": {"cublas": lambda: ops.linear(x, w, b), **lt_qkv, **triton_qkv},
              "proj": {"cublas": lambda: ops.residual_linear(x, a, blk.proj.weight, residual), **lt_proj, **triton_proj},

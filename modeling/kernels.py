@@ -120,7 +120,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 # Launches of the LayerNorm that beat the by-size default at up to a few thousand rows
 # (tools/norm_tiles.py, perf-notes attempt 30): fewer rows per program, more programs in flight.
-NORM_TILE_CANDIDATES = ("r2w4", "r2w8", "r4w8")  # r1w2 won once in 164 plans below 8192 rows (engines 15-20)
+NORM_TILE_CANDIDATES = ("r2w4", "r2w8", "r4w8")  # r1w2 won once in 121 plans below 8192 rows (engines 15-20)
 
 
 @triton.jit
@@ -322,7 +322,7 @@ def tma_supported(device: torch.device, head_dim: int) -> bool:
 
 # The tiles that won somewhere on the H100 (tools/attention_tiles.py, docs/perf-notes.md): 64 query
 # rows with 4 warps almost everywhere, TMA loads at 576 tokens, long key steps at batch 1. Below
-# LIBRARY_ROWS, in 164 plans of engines 15-20, nothing else won but the by-size default once (perf-notes
+# LIBRARY_ROWS, in 121 plans of engines 15-20, nothing else won but the by-size default once (perf-notes
 # attempt 64): each tile left out is a kernel less to compile cold.
 _TILE_CANDIDATES = ("m64n64w4s3", "m64n64w4s3tma", "m64n32w4s3", "m64n128w4s2")
 # From LIBRARY_ROWS rows only these ever won (134 measured plans with Triton attention there,
@@ -482,7 +482,8 @@ class GemmTile:
 # Tiles that beat cuBLAS somewhere on the H100 (tools/gemm_tiles.py, docs/perf-notes.md): wide
 # 128x256 tiles with a two-slice epilogue at large M (warp-specialized or not), 64x128 / 128x128 at
 # batch 1, 128-deep K steps for the small-M GEMMs (half the pipeline round trips per byte moved;
-# perf-notes attempt 28), and split K for the small-M residual GEMMs (attempt 29).
+# perf-notes attempt 28), and split K for the small-M residual GEMMs (attempt 29). The 128x128 split-2 tile
+# is out: it never won in 121 plans below 8192 rows (engines 15-20, attempt 64).
 GEMM_TILE_CANDIDATES = ("m128n256k64w8s4x2f", "m128n256k64w8s3x2f", "m128n256k64w8s3x2fws", "m128n128k64w4s4x1f",
                         "m64n128k64w4s4x1f", "m64n128k128w4s4x1f", "m64n64k128w4s4x1f",
                         "m128n128k64w4s4x1fsk3", "m64n128k128w4s4x1fsk3",

@@ -523,6 +523,34 @@ def test_bad_cache_entry_is_rebuilt_never_used(micro, tmp_path, monkeypatch):
     assert "stale or foreign cache entry (differs in gpu)" in logs[1]
 
 
+def test_the_end_to_end_check_runs_only_where_the_plan_asks_for_it(micro, tmp_path, monkeypatch):
+    """compile_engine descends end to end only where choose_plan's report says the check follows; its
+    result is the plan kept and cached, and its time is a phase of the report."""
+    cfg, model, _ = micro
+    checked = []
+
+    def fake_choose_plan(check):
+        def choose(model, batch, target, options, use_graph=True):
+            return ops.Plan(norm="triton"), {"norm": {"triton": 1.0}, "phases_s": {}, "check_end_to_end": check}
+        return choose
+
+    def fake_refine_plan(plan, report, time_plans):
+        checked.append(plan)
+        return ops.Plan(norm="triton", norm_tile="r4w8"), {"plan@norm": 1.0, "norm=triton:r4w8": 0.9}
+    monkeypatch.setattr(ec, "refine_plan", fake_refine_plan)
+    engine_model = wu.build_engine(cfg, wu.convert(model, cfg), torch.float32, "cpu")
+    for check in (False, True):
+        monkeypatch.setattr(ec, "choose_plan", fake_choose_plan(check))
+        compiled = ec.compile_engine(engine_model, 2, FAKE_GPU, ec.Options(use_graph=False), tmp_path / str(check),
+                                     log=lambda line: None)
+        measured = compiled.info["measured"]
+        assert ("end_to_end" in measured) is check and ("end_to_end" in measured["phases_s"]) is check
+        assert compiled.plan.norm_tile == ("r4w8" if check else "")
+        cached = json.loads((ec.cache_dir(cfg, 2, torch.float32, tmp_path / str(check)) / "plan.json").read_text())
+        assert ops.Plan(**cached["plan"]) == compiled.plan
+    assert checked == [ops.Plan(norm="triton")]
+
+
 # --- run killed in the middle ------------------------------------------------------------------
 
 KILLED_WRITER = """
