@@ -1,12 +1,14 @@
 """What bounds modeling/cuda_attention.py: its time with parts of the kernel switched off (the PROBE
 bits in its source), in CUDA graphs at ViT-B/16's shape. perf-notes attempt 52.
 
-    python3 tools/attention_probe.py [BATCH ...] [VARIANT ...]   (default 64 256; variants: ca.KNOWN_VARIANTS)
+    python3 tools/attention_probe.py [BATCH ...] [VARIANT ...] [NAME=VALUE ...]
+    (default 64 256; variants: ca.KNOWN_VARIANTS; NAME=VALUE: #defines before the source, OUT_PATH=1)
 
 Rows: "full" the kernel as the engine runs it; "no tail" without the last query tile's MMAs and
 softmax (196 tokens: rows 192-255, 4 of them real); "compute only" without global memory (loads after
 the first stages and the stores switched off); "loads only" without any MMA, softmax or store;
-"loads and stores" without any MMA or softmax; "no stores". The switched-off rows compute wrong numbers: they are timings, nothing else.
+"loads and stores" without any MMA or softmax; "no stores" without the output (tile or stores); "no TMA
+stores" with the tile written, not stored; "no output tile writes" with the stores issued from an unwritten tile. The switched-off rows compute wrong numbers: they are timings, nothing else.
 """
 import sys
 
@@ -15,7 +17,7 @@ import torch
 from engine.compile import graphed_ms
 from modeling import cuda_attention as ca
 
-PROBES = {"full": 0, "no tail": 1, "no stores": 8, "compute only": 2 | 8, "compute only, no tail": 1 | 2 | 8,
+PROBES = {"full": 0, "no tail": 1, "no stores": 8, "no TMA stores": 32, "no output tile writes": 64, "compute only": 2 | 8, "compute only, no tail": 1 | 2 | 8,
           "loads only": 4 | 8, "loads and stores": 16}
 dev = torch.device("cuda")
 source = ca.source
@@ -25,7 +27,7 @@ def timed(fn):
     return graphed_ms(fn, dev, budget_s=0.3)
 
 
-def main(batches, variants):
+def main(batches, variants, defines=""):
     seq, heads = 196, 12
     for batch in batches:
         qkv = torch.randn(batch * seq, 3 * heads * 64, device=dev, dtype=torch.float16)
@@ -34,19 +36,20 @@ def main(batches, variants):
         for variant in variants:
             cells = []
             for label, bits in PROBES.items():
-                ca.source = lambda *a, bits=bits, **k: f"#define PROBE {bits}\n" + source(*a, **k)
+                ca.source = lambda *a, bits=bits, **k: f"{defines}#define PROBE {bits}\n" + source(*a, **k)
                 ca._kernel.cache_clear()
                 ms = timed(lambda: ca.attention(qkv, batch, heads, out=out, variant=variant))
                 cells.append(f"{label} {ms * 1e3:.1f}")
             per_head = batch * heads / torch.cuda.get_device_properties(dev).multi_processor_count
-            print(f"batch {batch} {variant} ({per_head:.1f} heads per SM; 3 TB/s floor {floor_us:.0f} us), us: "
+            print(f"batch {batch} {variant}{' ' + defines.strip() if defines else ''} ({per_head:.1f} heads per SM; 3 TB/s floor {floor_us:.0f} us), us: "
                   + "; ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
     try:
         main([int(a) for a in sys.argv[1:] if a.isdigit()] or (64, 256),
-             [a for a in sys.argv[1:] if not a.isdigit()] or ca.KNOWN_VARIANTS)
+             [a for a in sys.argv[1:] if not a.isdigit() and "=" not in a] or ca.KNOWN_VARIANTS,
+             "".join(f"#define {a.replace('=', ' ', 1)}\n" for a in sys.argv[1:] if "=" in a))
     finally:  # the engine's own source back, whatever happened
         ca.source = source
         ca._kernel.cache_clear()

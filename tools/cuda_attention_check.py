@@ -2,7 +2,9 @@
 196 tokens and odd shapes, registers and local memory per thread, and its time in CUDA graphs beside
 cuDNN and our best Triton tile.
 
-    python3 tools/cuda_attention_check.py [BATCH ...]   (default 1 2 64 256)
+    python3 tools/cuda_attention_check.py [BATCH ...] [NAME=VALUE ...]   (default 1 2 64 256)
+
+NAME=VALUE arguments are #defines put before the kernel's source (OUT_PATH=1, CACHE_HINTS=3: see it).
 """
 import ctypes
 import sys
@@ -15,6 +17,11 @@ from modeling import ops
 
 dev = torch.device("cuda")
 torch.manual_seed(0)
+DEFINES = "".join(f"#define {a.replace('=', ' ', 1)}\n" for a in sys.argv[1:] if "=" in a)
+_source = ca.source
+ca.source = lambda *a, **k: DEFINES + _source(*a, **k)
+if DEFINES:
+    print("kernel built with:", DEFINES.replace("\n", "; "), flush=True)
 
 
 def timed(fn):
@@ -40,7 +47,7 @@ for variant in ca.KNOWN_VARIANTS:
         cuda.cuFuncGetAttribute(ctypes.byref(v), attr, k.func)
         print(f"kernel {variant} {name} per thread: {v.value}")
 
-for batch in [int(b) for b in sys.argv[1:]] or (1, 2, 64, 256):
+for batch in [int(b) for b in sys.argv[1:] if b.isdigit()] or (1, 2, 64, 256):
     seq, heads = 196, 12
     qkv = torch.randn(batch * seq, 3 * heads * 64, device=dev, dtype=torch.float16)
     want = ops.attention_reference(qkv, batch, heads, 64)

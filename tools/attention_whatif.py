@@ -1,0 +1,65 @@
+"""What could the CUDA attention kernel still give a whole forward at the power cap? (perf-notes
+attempt 65.) Whole ViT forwards with the measured plan, sustained and alternating, with the kernel
+built as the engine runs it and with parts of it switched off by its PROBE bits: the tail query
+tile (196 tokens: rows 192-255, 4 real), the output stores, or all global traffic after the first
+heads; and with L2 eviction hints on its loads (read once) and stores (the proj GEMM reads them
+next), which keep the logits right. Alone the tail costs no time (attempt 52); at the cap its MMAs
+may still cost energy. The switched-off forwards' logits are wrong by design (without its stores the
+proj GEMM reads what the slot held before: norm1's output); their time and energy are bounds for a
+kernel that did that part for free, data effects aside.
+
+    python3 tools/attention_whatif.py MODEL:BATCH [ROUNDS]
+"""
+import torch
+
+import modeling  # noqa: F401
+from engine import compile as cp
+from modeling import cuda_attention as ca
+from power_probe import Nvml, measured_engine, sustain_rounds, whatif_cli
+
+# label: defines put before the kernel's source (PROBE bits and CACHE_HINTS: see its source)
+WHATIFS = {"plan": "", "no output": "#define PROBE 8\n", "row sums by MMA": "#define ROWSUM_MMA 1\n",
+           "row sums by MMA, warps store their rows": "#define ROWSUM_MMA 1\n#define OUT_PATH 1\n",
+           "row sums by MMA, no output": "#define ROWSUM_MMA 1\n#define PROBE 8\n"}
+
+
+def main(spec, rounds=3):
+    nvml = Nvml(torch.cuda.current_device())
+    model, engine, batch = measured_engine(spec)
+    plan = engine.plan
+    print(f"{spec}: plan {plan}", flush=True)
+    if plan.attention != "cuda":
+        raise SystemExit(f"the plan's attention is {plan.attention!r}, not the CUDA kernel: nothing to probe")
+    model.set_plan(plan)
+    images, arena = engine._static_in, cp.ActivationArena(model.cfg, batch, engine._static_in.dtype,
+                                                          engine._static_in.device)
+    del engine
+    source, build = ca.source, ca._kernel.__wrapped__
+    kept = {}  # every build stays loaded: the graphs launch them
+
+    def built_with(defines):
+        def kernel(*key):
+            if (defines, key) not in kept:
+                ca.source = lambda *a, **k: defines + source(*a, **k)
+                kept[defines, key] = build(*key)
+                ca.source = source
+            return kept[defines, key]
+        return kernel
+
+    graphs, original, logits = {}, ca._kernel, None
+    try:
+        with torch.no_grad():
+            for label, defines in WHATIFS.items():
+                ca._kernel = built_with(defines)
+                graphs[label], out = cp.capture_graph(lambda: model(images, arena))
+                graphs[label].replay()
+                logits = logits if label != "plan" else out.clone()
+                print(f"{label} ({defines.strip() or 'as built'}): logits finite {bool(torch.isfinite(out).all())}, "
+                      f"max |difference| from the plan's {(out - logits).abs().max().item():.3g}", flush=True)
+    finally:
+        ca._kernel, ca.source = original, source
+    sustain_rounds(nvml, graphs, "plan", rounds, batch)
+
+
+if __name__ == "__main__":
+    whatif_cli(main, __doc__)
