@@ -2,13 +2,16 @@
 bits in its source), in CUDA graphs at ViT-B/16's shape. perf-notes attempt 52.
 
     python3 tools/attention_probe.py [BATCH ...] [VARIANT ...] [NAME=VALUE ...]
-    (default 64 256; variants: ca.KNOWN_VARIANTS; NAME=VALUE: #defines before the source, OUT_PATH=1)
+    (default 64 256; variants: ca.KNOWN_VARIANTS; NAME=VALUE: #defines before the source)
 
 Rows: "full" the kernel as the engine runs it; "no tail" without the last query tile's MMAs and
 softmax (196 tokens: rows 192-255, 4 of them real); "compute only" without global memory (loads after
 the first stages and the stores switched off); "loads only" without any MMA, softmax or store;
 "loads and stores" without any MMA or softmax; "no stores" without the output (tile or stores); "no TMA
-stores" with the tile written, not stored; "no output tile writes" with the stores issued from an unwritten tile. The switched-off rows compute wrong numbers: they are timings, nothing else.
+stores" with the tile written, not stored; "no output tile writes" with the stores issued from an
+unwritten tile; "no row sums" without the softmax's FP32 sums. Where the output is switched off, the
+kernel still reads P V's results: before attempt 65 ptxas dropped those MMAs from "no stores" and
+"compute only", whose times then left P V out. The switched-off rows compute wrong numbers: they are timings, nothing else.
 """
 import sys
 
@@ -17,7 +20,7 @@ import torch
 from engine.compile import graphed_ms
 from modeling import cuda_attention as ca
 
-PROBES = {"full": 0, "no tail": 1, "no stores": 8, "no TMA stores": 32, "no output tile writes": 64, "compute only": 2 | 8, "compute only, no tail": 1 | 2 | 8,
+PROBES = {"full": 0, "no tail": 1, "no stores": 8, "no TMA stores": 32, "no output tile writes": 64, "no row sums": 128, "compute only": 2 | 8, "compute only, no tail": 1 | 2 | 8,
           "loads only": 4 | 8, "loads and stores": 16}
 dev = torch.device("cuda")
 source = ca.source

@@ -2,11 +2,11 @@
 attempt 65.) Whole ViT forwards with the measured plan, sustained and alternating, with the kernel
 built as the engine runs it and with parts of it switched off by its PROBE bits: the tail query
 tile (196 tokens: rows 192-255, 4 real), the output stores, or all global traffic after the first
-heads; and with L2 eviction hints on its loads (read once) and stores (the proj GEMM reads them
-next), which keep the logits right. Alone the tail costs no time (attempt 52); at the cap its MMAs
-may still cost energy. The switched-off forwards' logits are wrong by design (without its stores the
-proj GEMM reads what the slot held before: norm1's output); their time and energy are bounds for a
-kernel that did that part for free, data effects aside.
+heads, or the softmax's row sums (FP32 adds and shuffles). The switched-off forwards' logits are
+wrong by design (without its stores the proj GEMM reads what the slot held before: norm1's output);
+their time and energy are bounds for a kernel that did that part for free, data effects aside.
+Attempt 65's kernel options (L2 hints, per-warp stores, row sums by MMA) ran through this in commit
+e951ed2.
 
     python3 tools/attention_whatif.py MODEL:BATCH [ROUNDS]
 """
@@ -17,10 +17,10 @@ from engine import compile as cp
 from modeling import cuda_attention as ca
 from power_probe import Nvml, measured_engine, sustain_rounds, whatif_cli
 
-# label: defines put before the kernel's source (PROBE bits and CACHE_HINTS: see its source)
-WHATIFS = {"plan": "", "no output": "#define PROBE 8\n", "row sums by MMA": "#define ROWSUM_MMA 1\n",
-           "row sums by MMA, warps store their rows": "#define ROWSUM_MMA 1\n#define OUT_PATH 1\n",
-           "row sums by MMA, no output": "#define ROWSUM_MMA 1\n#define PROBE 8\n"}
+# label: defines put before the kernel's source (PROBE bits: see its source)
+WHATIFS = {"plan": "", "no tail tile": "#define PROBE 1\n", "no output (P V kept)": "#define PROBE 8\n",
+           "no output stores (tile written)": "#define PROBE 32\n", "no row sums": "#define PROBE 128\n",
+           "no global traffic (P V kept)": "#define PROBE 10\n"}
 
 
 def main(spec, rounds=3):

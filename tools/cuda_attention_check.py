@@ -4,7 +4,7 @@ cuDNN and our best Triton tile.
 
     python3 tools/cuda_attention_check.py [BATCH ...] [NAME=VALUE ...]   (default 1 2 64 256)
 
-NAME=VALUE arguments are #defines put before the kernel's source (OUT_PATH=1, CACHE_HINTS=3: see it).
+NAME=VALUE arguments are #defines put before the kernel's source (options under trial; attempt 65's are in commit e951ed2).
 """
 import ctypes
 import sys
