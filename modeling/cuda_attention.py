@@ -254,8 +254,9 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 3 - STAGES) short_attent
             }}
             if (!(PROBE & 8)) {{
                 // O goes out by TMA from a swizzled tile in shared memory: whole 128-byte rows, rows
-                // past SEQ clipped by the tensor map, no scattered 4-byte stores (they cost 52 of 142 us
-                // at ViT-B/16 batch 256, attempt 52). The tile is free once its last store was read.
+                // past SEQ clipped by the tensor map, no scattered 4-byte stores (with them the kernel
+                // took 142 us at ViT-B/16 batch 256, with this 123; attempt 52). The tile is free once
+                // its last store was read.
                 unsigned tile = o_smem + wg * 8192;
                 if (t % 128 == 0)
                     asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
