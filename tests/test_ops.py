@@ -1,5 +1,6 @@
 """Each fused op against its plain-PyTorch reference, on odd sizes (Triton under TRITON_INTERPRET=1)."""
 import functools
+import tempfile
 
 import pytest
 import torch
@@ -453,6 +454,38 @@ def test_cuda_attention_source_builds_for_hopper(seq, heads, dtype, variant):
     with pytest.raises(RuntimeError):  # a broken source fails (the check above can fail)
         _nvrtc_compile(cuda_attention.source(seq, heads, dtype, variant).replace("wgmma.fence", "wgmma.fencex"),
                        "short_attention", "90a", None, ["--use_fast_math"])
+
+
+def test_cuda_attention_probes_keep_pv_mmas():
+    """The timing probes that switch the output off must still run P V: ptxas drops MMAs whose
+    results nothing reads, and before perf-notes attempt 65 those probes timed a kernel without them.
+    Counted in the SASS of each build (NVRTC, and Triton's bundled nvdisasm)."""
+    import os
+    import subprocess
+    import triton
+    from modeling import cuda_attention
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    try:
+        from torch.cuda._utils import _nvrtc_compile
+        _nvrtc_compile('extern "C" __global__ void probe() {}', "probe", "90a")
+    except (ImportError, OSError, RuntimeError) as err:
+        pytest.skip(f"no NVRTC here: {err}")
+    if not os.access(nvdisasm, os.X_OK):
+        pytest.skip("no nvdisasm beside Triton")
+
+    def pv_mmas(defines):
+        binary, _ = _nvrtc_compile(defines + cuda_attention.source(196, 12, torch.float16, "w2s2"), "short_attention",
+                                   "90a", None, ["--use_fast_math"])
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(binary)
+            f.flush()
+            sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+        return sass.count("HGMMA.64x64x16")
+    keys = -(-196 // 16)
+    assert pv_mmas("") == keys
+    for bits in (8, 64, 8 | 2):
+        assert pv_mmas(f"#define PROBE {bits}\n") == keys, bits
+    assert pv_mmas("#define PROBE 16\n") == 0  # the count can fail: this probe has no MMAs at all
 
 
 def test_cuda_attention_only_where_it_runs():
