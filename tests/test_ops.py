@@ -479,7 +479,9 @@ def test_cuda_attention_probes_keep_pv_mmas():
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(binary)
             f.flush()
-            sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+            done = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        sass = done.stdout
         return sass.count("HGMMA.64x64x16")
     keys = -(-196 // 16)
     assert pv_mmas("") == keys

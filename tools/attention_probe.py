@@ -2,7 +2,7 @@
 bits in its source), in CUDA graphs at ViT-B/16's shape. perf-notes attempt 52.
 
     python3 tools/attention_probe.py [BATCH ...] [VARIANT ...] [NAME=VALUE ...]
-    (default 64 256; variants: ca.KNOWN_VARIANTS; NAME=VALUE: #defines before the source)
+    (default 64 256; variants: ca.KNOWN_VARIANTS; NAME=VALUE: #defines before the source, PROBE excepted)
 
 Rows: "full" the kernel as the engine runs it; "no tail" without the last query tile's MMAs and
 softmax (196 tokens: rows 192-255, 4 of them real); "compute only" without global memory (loads after
@@ -13,6 +13,7 @@ unwritten tile; "no row sums" without the softmax's FP32 sums. Where the output 
 kernel still reads P V's results: before attempt 65 ptxas dropped those MMAs from "no stores" and
 "compute only", whose times then left P V out. The switched-off rows compute wrong numbers: they are timings, nothing else.
 """
+import re
 import sys
 
 import torch
@@ -28,6 +29,15 @@ source = ca.source
 
 def timed(fn):
     return graphed_ms(fn, dev, budget_s=0.3)
+
+
+def defines_from(args) -> str:
+    """NAME=VALUE arguments as #define lines; a name the kernel's source does not read is an error."""
+    pairs = [a.split("=", 1) for a in args if "=" in a]
+    unknown = [name for name, _ in pairs if not re.search(rf"#ifndef {re.escape(name)}\b", source(196, 12))]
+    if unknown:
+        sys.exit(f"error: the kernel's source has no define {', '.join(unknown)}")
+    return "".join(f"#define {name} {value}\n" for name, value in pairs)
 
 
 def main(batches, variants, defines=""):
@@ -52,7 +62,7 @@ if __name__ == "__main__":
     try:
         main([int(a) for a in sys.argv[1:] if a.isdigit()] or (64, 256),
              [a for a in sys.argv[1:] if not a.isdigit() and "=" not in a] or ca.KNOWN_VARIANTS,
-             "".join(f"#define {a.replace('=', ' ', 1)}\n" for a in sys.argv[1:] if "=" in a))
+             defines_from(sys.argv[1:]))
     finally:  # the engine's own source back, whatever happened
         ca.source = source
         ca._kernel.cache_clear()

@@ -4,7 +4,7 @@ cuDNN and our best Triton tile.
 
     python3 tools/cuda_attention_check.py [BATCH ...] [NAME=VALUE ...]   (default 1 2 64 256)
 
-NAME=VALUE arguments are #defines put before the kernel's source (options under trial; attempt 65's are in commit e951ed2).
+NAME=VALUE arguments are #defines put before the kernel's source (one it has no #ifndef for is an error).
 """
 import ctypes
 import sys
@@ -14,10 +14,11 @@ import torch
 from engine.compile import graphed_ms
 from modeling import cuda_attention as ca
 from modeling import ops
+from attention_probe import defines_from
 
 dev = torch.device("cuda")
 torch.manual_seed(0)
-DEFINES = "".join(f"#define {a.replace('=', ' ', 1)}\n" for a in sys.argv[1:] if "=" in a)
+DEFINES = defines_from(sys.argv[1:])
 _source = ca.source
 ca.source = lambda *a, **k: DEFINES + _source(*a, **k)
 if DEFINES:
