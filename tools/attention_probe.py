@@ -11,7 +11,8 @@ the first stages and the stores switched off); "loads only" without any MMA, sof
 stores" with the tile written, not stored; "no output tile writes" with the stores issued from an
 unwritten tile; "no row sums" without the softmax's FP32 sums. Where the output is switched off, the
 kernel still reads P V's results: before attempt 65 ptxas dropped those MMAs from "no stores" and
-"compute only", whose times then left P V out. The switched-off rows compute wrong numbers: they are timings, nothing else.
+"compute only", whose times then left P V out. The switched-off rows compute wrong numbers: they are
+timings, nothing else.
 """
 import re
 import sys
@@ -21,8 +22,9 @@ import torch
 from engine.compile import graphed_ms
 from modeling import cuda_attention as ca
 
-PROBES = {"full": 0, "no tail": 1, "no stores": 8, "no TMA stores": 32, "no output tile writes": 64, "no row sums": 128, "compute only": 2 | 8, "compute only, no tail": 1 | 2 | 8,
-          "loads only": 4 | 8, "loads and stores": 16}
+PROBES = {"full": 0, "no tail": 1, "no stores": 8, "no TMA stores": 32, "no output tile writes": 64,
+          "no row sums": 128, "compute only": 2 | 8, "compute only, no tail": 1 | 2 | 8, "loads only": 4 | 8,
+          "loads and stores": 16}
 dev = torch.device("cuda")
 source = ca.source
 
