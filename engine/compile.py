@@ -197,24 +197,27 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
 
     settle=False stops after the first pass (its timings only shortlist where the plan is checked end
     to end); `first` is such a pass's {name: ms}, to settle later without timing every one again."""
-    times, calls = dict(first or {}), {}
+    times, calls, probes = dict(first or {}), {}, {}
 
-    def per_replay(name):
-        # a call of 0.2 ms or more is timed one per replay, fewer times: its launch overhead is
-        # noise, and at large batch five per replay made the timing most of a compile (decided
-        # once per candidate in a call; the re-timing rounds and the sustained runs reuse it)
+    def replay(name):
+        """(a graph replay of the candidate, its calls per replay). A call of 0.2 ms or more is timed
+        one per replay, fewer times: its launch overhead is noise, and at large batch five per replay
+        made the timing most of a compile. Decided once per candidate; the single-call graph that
+        decided it serves the next timing."""
         if name not in calls:
             probe = _graphed(candidates[name], 1)
-            calls[name] = 1 if measure(probe, device, warmup_s=0, min_iters=2, max_iters=2,
-                                       budget_s=0).median_ms >= 0.2 else 5
-        return calls[name]
+            long = measure(probe, device, warmup_s=0, min_iters=2, max_iters=2, budget_s=0).median_ms >= 0.2
+            calls[name] = 1 if long else 5
+            if long:
+                probes[name] = probe
+        return probes.pop(name, None) or _graphed(candidates[name], calls[name]), calls[name]
 
     def time_one(name, budget_s, min_iters=10):
         fn = candidates[name]
         if not use_graph:
             return measure(fn, device, warmup_s=0.03, min_iters=min_iters, max_iters=200, budget_s=budget_s).median_ms
-        n = per_replay(name)
-        return measure(_graphed(fn, n), device, warmup_s=0.01 if n == 1 else 0.03, min_iters=min_iters, max_iters=200,
+        run, n = replay(name)
+        return measure(run, device, warmup_s=0.01 if n == 1 else 0.03, min_iters=min_iters, max_iters=200,
                        budget_s=budget_s / 3 if n == 1 else budget_s).median_ms / n
     first_s = min(0.12, site_s / len(candidates))
     for name in ([] if first else candidates):
@@ -235,8 +238,7 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
         sustained = []
         for n in finalists[:SUSTAIN_FINALISTS]:
             try:
-                n_calls = per_replay(n)
-                times[n] = _sustained_ms(_graphed(candidates[n], n_calls), n_calls, times[n], sustain_s)
+                times[n] = _sustained_ms(*replay(n), times[n], sustain_s)
                 sustained.append(n)
             except (RuntimeError, ValueError, NotImplementedError, _TritonError):
                 continue

@@ -223,6 +223,7 @@ def test_plan_times_long_calls_one_per_graph_replay():
         name, times = comp._fastest({"long": long, "short": short}, torch.device("cpu"), use_graph=True)
     assert name == "short" and times == {"long": 0.5, "short": 0.01}
     assert ("long", 1) in graphed and ("long", 5) not in graphed and ("short", 5) in graphed
+    assert graphed.count(("long", 1)) == 1  # the single-call graph that decided it is the one timed
 
 
 def test_choose_plan_times_every_candidate_of_every_site():
