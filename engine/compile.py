@@ -373,7 +373,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         if backend != "triton":
             sdpa[backend] = attention_with(backend)
         elif dtype != torch.float32:  # the Triton kernel computes in float16/bfloat16 tiles
-            for tile in kernels.attention_tiles(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dev, sms):
+            for tile in kernels.attention_tiles(batch, cfg.seq_len, cfg.head_dim, dev):
                 triton_attention[f"triton:{tile}"] = attention_with("triton", str(tile))
     triton_norms = {k: v for k, v in norms.items() if k.startswith("triton")}
     # the embedding's kernels are not timed (below) but compile here, beside the others, not at capture

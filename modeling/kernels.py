@@ -331,10 +331,8 @@ _TILE_CANDIDATES = ("m64n64w4s3", "m64n64w4s3tma", "m64n32w4s3", "m64n128w4s2")
 _LARGE_TILE_CANDIDATES = ("m64n64w4s3", "m64n64w4s3tma", "m128n64w8s3tma")
 
 
-def attention_tiles(batch: int, heads: int, seq: int, head_dim: int, device: torch.device,
-                    sms: int = 132) -> list:
-    """The tiles worth timing at this shape (engine/compile.py picks the fastest); `heads` and `sms`
-    shaped a by-size default that was a candidate until it stopped winning (attempt 64)."""
+def attention_tiles(batch: int, seq: int, head_dim: int, device: torch.device) -> list:
+    """The tiles worth timing at this shape (engine/compile.py picks the fastest)."""
     from .ops import parse_attention_tile
     names = _LARGE_TILE_CANDIDATES if batch * seq >= LIBRARY_ROWS else _TILE_CANDIDATES
     tiles = [parse_attention_tile(t) for t in names]

@@ -372,8 +372,8 @@ def test_attention_tiles_parse_and_validate():
 def test_attention_tiles_offer_tma_only_where_it_works():
     from modeling import kernels
     cpu = torch.device("cpu")
-    assert any(t.tma for t in kernels.attention_tiles(4, 12, 196, 64, cpu))
-    assert not any(t.tma for t in kernels.attention_tiles(4, 12, 196, 80, cpu))  # hd 80: no TMA box
+    assert any(t.tma for t in kernels.attention_tiles(4, 196, 64, cpu))
+    assert not any(t.tma for t in kernels.attention_tiles(4, 196, 80, cpu))  # hd 80: no TMA box
 
 
 def test_attention_tiles_narrow_from_library_rows():
@@ -382,11 +382,11 @@ def test_attention_tiles_narrow_from_library_rows():
     from modeling import kernels
     cpu = torch.device("cpu")
     big = kernels.LIBRARY_ROWS // 196 + 1
-    assert [str(t) for t in kernels.attention_tiles(big, 12, 196, 64, cpu)] == list(kernels._LARGE_TILE_CANDIDATES)
-    assert [str(t) for t in kernels.attention_tiles(big, 12, 196, 80, cpu)] == ["m64n64w4s3"]  # no TMA box
-    small = kernels.attention_tiles(big - 1, 12, 196, 64, cpu)
+    assert [str(t) for t in kernels.attention_tiles(big, 196, 64, cpu)] == list(kernels._LARGE_TILE_CANDIDATES)
+    assert [str(t) for t in kernels.attention_tiles(big, 196, 80, cpu)] == ["m64n64w4s3"]  # no TMA box
+    small = kernels.attention_tiles(big - 1, 196, 64, cpu)
     assert [str(t) for t in small] == list(kernels._TILE_CANDIDATES)
-    assert [str(t) for t in kernels.attention_tiles(1, 12, 196, 80, cpu)] == [  # no TMA box
+    assert [str(t) for t in kernels.attention_tiles(1, 196, 80, cpu)] == [  # no TMA box
         t for t in kernels._TILE_CANDIDATES if not t.endswith("tma")]
 
 

@@ -54,7 +54,7 @@ for dtype in (torch.float16, torch.bfloat16):
               f"gelu(tanh) {((tanh - want_tanh).norm() / want_tanh.norm()):.1e}")
     qkv = torch.randn(3 * 577, 3 * 1024, device=dev, dtype=dtype)
     ref = ops.attention_reference(qkv, 3, 16, 64).float()
-    for tile in kernels.attention_tiles(3, 16, 577, 64, torch.device(dev)):
+    for tile in kernels.attention_tiles(3, 577, 64, torch.device(dev)):
         out = ops.attention(qkv, 3, 16, 64, "triton", str(tile)).float()
         print(f"triton attention {tile} {dtype}: rel err {((out - ref).norm() / ref.norm()):.1e}")
     for batch, seq, heads in ((3, 196, 12), (5, 37, 3), (2, 256, 2), (4, 129, 5)):  # odd sizes, <= 256 tokens
