@@ -436,6 +436,16 @@ def test_programmatic_dependent_launch_asked_only_where_wanted(monkeypatch):
     assert kernels.use_pdl(torch.device("cpu"))
 
 
+def _nvrtc_or_skip():
+    """torch's NVRTC compile function (shipped with its CUDA wheels; no GPU needed), or skip."""
+    try:
+        from torch.cuda._utils import _nvrtc_compile
+        _nvrtc_compile('extern "C" __global__ void probe() {}', "probe", "90a")
+    except (ImportError, OSError, RuntimeError) as err:
+        pytest.skip(f"no NVRTC here: {err}")
+    return _nvrtc_compile
+
+
 @pytest.mark.parametrize("seq,heads,dtype,variant", [(196, 12, torch.float16, "w2s2"), (37, 3, torch.bfloat16, "w1s1"),
                                                      (256, 2, torch.float16, "w1s1")])
 def test_cuda_attention_source_builds_for_hopper(seq, heads, dtype, variant):
@@ -443,11 +453,7 @@ def test_cuda_attention_source_builds_for_hopper(seq, heads, dtype, variant):
     wheels; no GPU needed to compile): its generated source must compile for sm_90a at each shape.
     Its numbers are checked on the GPU (tools/gpu_selftest.py, tools/cuda_attention_check.py)."""
     from modeling import cuda_attention
-    try:
-        from torch.cuda._utils import _nvrtc_compile
-        _nvrtc_compile('extern "C" __global__ void probe() {}', "probe", "90a")
-    except (ImportError, OSError, RuntimeError) as err:
-        pytest.skip(f"no NVRTC here: {err}")
+    _nvrtc_compile = _nvrtc_or_skip()
     binary, name = _nvrtc_compile(cuda_attention.source(seq, heads, dtype, variant), "short_attention", "90a", None,
                                   ["--use_fast_math"])
     assert name == "short_attention" and len(binary) > 1000
@@ -465,11 +471,7 @@ def test_cuda_attention_probes_keep_pv_mmas():
     import triton
     from modeling import cuda_attention
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    try:
-        from torch.cuda._utils import _nvrtc_compile
-        _nvrtc_compile('extern "C" __global__ void probe() {}', "probe", "90a")
-    except (ImportError, OSError, RuntimeError) as err:
-        pytest.skip(f"no NVRTC here: {err}")
+    _nvrtc_compile = _nvrtc_or_skip()
     if not os.access(nvdisasm, os.X_OK):
         pytest.skip("no nvdisasm beside Triton")
 
