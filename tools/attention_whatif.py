@@ -10,12 +10,12 @@ e951ed2.
 
     python3 tools/attention_whatif.py MODEL:BATCH [ROUNDS]
 """
-import torch
+from functools import partial
+from unittest import mock
 
 import modeling  # noqa: F401
-from engine import compile as cp
 from modeling import cuda_attention as ca
-from power_probe import Nvml, measured_engine, sustain_rounds, whatif_cli
+from power_probe import whatif_cli, whatif_forwards
 
 # label: defines put before the kernel's source (PROBE bits: see its source)
 WHATIFS = {"plan": "", "no tail tile": "#define PROBE 1\n", "no output (P V kept)": "#define PROBE 8\n",
@@ -24,41 +24,24 @@ WHATIFS = {"plan": "", "no tail tile": "#define PROBE 1\n", "no output (P V kept
 
 
 def main(spec, rounds=3):
-    nvml = Nvml(torch.cuda.current_device())
-    model, engine, batch = measured_engine(spec)
-    plan = engine.plan
-    print(f"{spec}: plan {plan}", flush=True)
-    if plan.attention != "cuda":
-        raise SystemExit(f"the plan's attention is {plan.attention!r}, not the CUDA kernel: nothing to probe")
-    model.set_plan(plan)
-    images, arena = engine._static_in, cp.ActivationArena(model.cfg, batch, engine._static_in.dtype,
-                                                          engine._static_in.device)
-    del engine
-    source, build = ca.source, ca._kernel.__wrapped__
-    kept = {}  # every build stays loaded: the graphs launch them
+    def variants(model, plan, images, arena):
+        if plan.attention != "cuda":
+            raise SystemExit(f"the plan's attention is {plan.attention!r}, not the CUDA kernel: nothing to probe")
+        source, build = ca.source, ca._kernel.__wrapped__
+        kept = {}  # every build stays loaded until the timings end: the graphs launch them
 
-    def built_with(defines):
-        def kernel(*key):
-            if (defines, key) not in kept:
-                ca.source = lambda *a, **k: defines + source(*a, **k)
-                kept[defines, key] = build(*key)
-                ca.source = source
-            return kept[defines, key]
-        return kernel
-
-    graphs, original, logits = {}, ca._kernel, None
-    try:
-        with torch.no_grad():
-            for label, defines in WHATIFS.items():
-                ca._kernel = built_with(defines)
-                graphs[label], out = cp.capture_graph(lambda: model(images, arena))
-                graphs[label].replay()
-                logits = logits if label != "plan" else out.clone()
-                print(f"{label} ({defines.strip() or 'as built'}): logits finite {bool(torch.isfinite(out).all())}, "
-                      f"max |difference| from the plan's {(out - logits).abs().max().item():.3g}", flush=True)
-    finally:
-        ca._kernel, ca.source = original, source
-    sustain_rounds(nvml, graphs, "plan", rounds, batch)
+        def built_with(defines):
+            def kernel(*key):
+                if (defines, key) not in kept:
+                    ca.source = lambda *a, **k: defines + source(*a, **k)
+                    try:
+                        kept[defines, key] = build(*key)
+                    finally:
+                        ca.source = source
+                return kept[defines, key]
+            return partial(mock.patch.object, ca, "_kernel", kernel)
+        return {label: built_with(defines) for label, defines in WHATIFS.items()}
+    whatif_forwards(spec, rounds, variants)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,16 @@ last wave fills fewer SMs) and more launches. Whole forwards, sustained at the p
 
     python3 tools/chunk_whatif.py MODEL:BATCH [ROUNDS]
 """
+from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
+from unittest import mock
 
 import torch
 
 import modeling  # noqa: F401
-from engine import compile as cp
 from modeling import ops, vision_transformer as vt
-from power_probe import Nvml, measured_engine, sustain_rounds, whatif_cli
+from power_probe import whatif_cli, whatif_forwards
 
 
 def chunked_block(chunk: int, halves: str, scratch: dict, chunk_plan):
@@ -52,49 +54,24 @@ def chunked_block(chunk: int, halves: str, scratch: dict, chunk_plan):
 
 
 def main(spec, rounds=3):
-    nvml = Nvml(torch.cuda.current_device())
-    model, engine, batch = measured_engine(spec)
-    plan = engine.plan
-    print(f"{spec}: plan {plan}", flush=True)
-    model.set_plan(plan)
-    images = engine._static_in
-    dev, dtype, cfg = images.device, images.dtype, model.cfg
-    arena = cp.ActivationArena(cfg, batch, dtype, dev)
-    del engine
-    wide = max(3 * cfg.num_heads * cfg.head_dim, cfg.mlp_hidden)
-    chunk_rows = 64 * cfg.seq_len  # the largest chunk below
-    scratch = {name: torch.empty(chunk_rows * cols, device=dev, dtype=dtype)
-               for name, cols in (("narrow", cfg.embed_dim), ("wide", wide), ("attn", cfg.embed_dim))}
-    # the plan's GEMM names are for the whole batch's rows; cuBLASLt's heuristic numbers ("lt3") and
-    # explicit configurations may not fit a chunk's, so a chunk uses torch's cuBLAS call there
-    lt_free = replace(plan, **{f"{site}_tile": "" for site in ("qkv", "fc1", "proj", "fc2")
-                               if ops.lt_algorithm(getattr(plan, f"{site}_tile")) is not None})
-    original = vt.Block.forward
-    graphs, reference = {}, None
-    # "no cuBLASLt picks": the whole batch with the chunks' GEMM calls, to tell their cost from the chunking's
-    variants = [("plan", None, None), ("plan, no cuBLASLt picks", "none", None)]
-    variants += [(f"{halves} half, {c} images at a time", halves, c)
-                 for halves, c in (("attn", 64), ("attn", 32), ("attn", 16), ("mlp", 16), ("both", 32))]
-    with torch.no_grad():
-        for label, halves, chunk in variants:
-            model.set_plan(lt_free if halves == "none" else plan)
-            if halves in (None, "none"):
-                vt.Block.forward = original
-            else:
-                vt.Block.forward = chunked_block(chunk, halves, scratch, lt_free)
-            try:
-                graphs[label], out = cp.capture_graph(lambda: model(images, arena))
-            except Exception as error:  # noqa: BLE001 - a probe: report and go on
-                print(f"{label}: not captured ({type(error).__name__}: {error})", flush=True)
-                continue
-            graphs[label].replay()
-            torch.cuda.synchronize()
-            if reference is None:
-                reference = out.float().clone()
-            err = ((out.float() - reference).abs().max() / reference.abs().max()).item()
-            print(f"{label}: max |logits - plan's| / max |plan's| = {err:.2e}", flush=True)
-    vt.Block.forward = original
-    sustain_rounds(nvml, graphs, "plan", rounds, batch)
+    def variants(model, plan, images, arena):
+        dev, dtype, cfg = images.device, images.dtype, model.cfg
+        wide = max(3 * cfg.num_heads * cfg.head_dim, cfg.mlp_hidden)
+        chunk_rows = 64 * cfg.seq_len  # the largest chunk below
+        scratch = {name: torch.empty(chunk_rows * cols, device=dev, dtype=dtype)
+                   for name, cols in (("narrow", cfg.embed_dim), ("wide", wide), ("attn", cfg.embed_dim))}
+        # the plan's GEMM names are for the whole batch's rows; cuBLASLt's heuristic numbers ("lt3") and
+        # explicit configurations may not fit a chunk's, so a chunk uses torch's cuBLAS call there
+        lt_free = replace(plan, **{f"{site}_tile": "" for site in ("qkv", "fc1", "proj", "fc2")
+                                   if ops.lt_algorithm(getattr(plan, f"{site}_tile")) is not None})
+
+        def chunked(halves, chunk):
+            return partial(mock.patch.object, vt.Block, "forward", chunked_block(chunk, halves, scratch, lt_free))
+        # "no cuBLASLt picks": the whole batch with the chunks' GEMM calls, to tell their cost from the chunking's
+        return {"plan": nullcontext, "plan, no cuBLASLt picks": partial(mock.patch.object, model, "plan", lt_free),
+                **{f"{halves} half, {c} images at a time": chunked(halves, c)
+                   for halves, c in (("attn", 64), ("attn", 32), ("attn", 16), ("mlp", 16), ("both", 32))}}
+    whatif_forwards(spec, rounds, variants)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,17 @@ mean anything, as upper bounds for a fold whose consumer absorbs the normalizati
 
     python3 tools/norm_whatif.py MODEL:BATCH [ROUNDS]
 """
+from contextlib import nullcontext
+from functools import partial
+from unittest import mock
 
 import torch
 import triton
 import triton.language as tl
 
 import modeling  # noqa: F401
-from engine import compile as cp
 from modeling import ops, vision_transformer as vt
-from power_probe import Nvml, measured_engine, sustain_rounds, whatif_cli
+from power_probe import whatif_cli, whatif_forwards
 
 
 @triton.jit
@@ -58,28 +60,17 @@ def block_forward(which: str, mode: str, stats):
     return forward
 
 
+WHATIFS = [("norm1 stats only", "1", "stats"), ("norm1 removed", "1", "skip"), ("norm2 stats only", "2", "stats"),
+           ("both stats only", "both", "stats")]  # label, which norm, how
+
+
 def main(spec, rounds=3):
-    nvml = Nvml(torch.cuda.current_device())
-    model, engine, batch = measured_engine(spec)
-    print(f"{spec}: plan {engine.plan}", flush=True)
-    model.set_plan(engine.plan)
-    images, arena = engine._static_in, cp.ActivationArena(model.cfg, batch, engine._static_in.dtype,
-                                                          engine._static_in.device)
-    del engine
-    stats = torch.empty(arena.rows, 2, device=images.device, dtype=torch.float32)
-    original = vt.Block.forward
-    graphs = {}
-    with torch.no_grad():
-        for label, which, mode in [("plan", None, None), ("norm1 stats only", "1", "stats"),
-                                   ("norm1 removed", "1", "skip"), ("norm2 stats only", "2", "stats"),
-                                   ("both stats only", "both", "stats")]:
-            vt.Block.forward = original if which is None else block_forward(which, mode, stats)
-            graphs[label], out = cp.capture_graph(lambda: model(images, arena))
-            graphs[label].replay()
-            print(f"{label}: logits finite {bool(torch.isfinite(out).all())}, max {out.abs().max().item():.1f}",
-                  flush=True)
-    vt.Block.forward = original
-    sustain_rounds(nvml, graphs, "plan", rounds, batch)
+    def variants(model, plan, images, arena):
+        stats = torch.empty(arena.rows, 2, device=images.device, dtype=torch.float32)
+        swapped = {label: partial(mock.patch.object, vt.Block, "forward", block_forward(which, mode, stats))
+                   for label, which, mode in WHATIFS}
+        return {"plan": nullcontext, **swapped}
+    whatif_forwards(spec, rounds, variants)
 
 
 if __name__ == "__main__":

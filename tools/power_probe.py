@@ -287,8 +287,40 @@ def sustain_rounds(nvml, graphs: dict, base: str, rounds: int, batch: int):
               flush=True)
 
 
+def whatif_forwards(spec: str, rounds: int, variants):
+    """The what-if probes' run: MODEL:BATCH's measured plan as whole forwards, one graph per variant,
+    sustained in alternation (sustain_rounds). `variants(model, plan, images, arena)` returns
+    {label: context manager factory}, "plan" first (nothing changed); each variant is captured inside
+    its context. The returned dict is held until the timings end (what the graphs launch may live in
+    it). A variant that does not capture is reported and left out; the others' logits are compared
+    with the plan's."""
+    nvml = Nvml(torch.cuda.current_device())
+    model, engine, batch = measured_engine(spec)
+    plan, images = engine.plan, engine._static_in
+    print(f"{spec}: plan {plan}", flush=True)
+    model.set_plan(plan)
+    arena = cp.ActivationArena(model.cfg, batch, images.dtype, images.device)
+    del engine
+    chosen, graphs, reference = variants(model, plan, images, arena), {}, None
+    with torch.no_grad():
+        for label, patched in chosen.items():
+            try:
+                with patched():
+                    graphs[label], out = cp.capture_graph(lambda: model(images, arena))
+            except Exception as error:  # noqa: BLE001 - a probe: report and go on
+                print(f"{label}: not captured ({type(error).__name__}: {error})", flush=True)
+                continue
+            graphs[label].replay()
+            torch.cuda.synchronize()
+            reference = out.float().clone() if reference is None else reference
+            err = ((out.float() - reference).abs().max() / reference.abs().max()).item()
+            print(f"{label}: logits finite {bool(torch.isfinite(out).all())}, max |logits - plan's| / max |plan's| "
+                  f"= {err:.2e}", flush=True)
+    sustain_rounds(nvml, graphs, "plan", rounds, batch)
+
+
 def whatif_cli(main, doc: str):
-    """The command line of the what-if probes (norm_whatif, chunk_whatif): MODEL:BATCH [ROUNDS]."""
+    """The command line of the what-if probes (norm_whatif, chunk_whatif, attention_whatif): MODEL:BATCH [ROUNDS]."""
     if len(sys.argv) < 2:
         sys.exit(doc)
     main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)
