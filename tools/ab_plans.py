@@ -23,17 +23,7 @@ from engine.compile import Options, apply_global_options, compile_engine, graph_
 from engine.target import detect
 from modeling import ops
 from modeling.config import vit_config
-
-
-def plan_from(path: str, batch: int) -> ops.Plan:
-    data = json.load(open(path))
-    if "plan" in data:  # a plan cache entry
-        return ops.Plan(**data["plan"])
-    rows = [r for r in data["rows"] if r["batch_size"] == batch]
-    if not rows:
-        sys.exit(f"error: {path} has no row for batch {batch}")
-    return ops.Plan(**rows[-1]["plan"])
-
+from power_probe import plan_from
 
 spec, files = sys.argv[1], sys.argv[2:]
 name, batch, dtype = (spec.split(":") + ["float16"])[:3]

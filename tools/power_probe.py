@@ -11,6 +11,9 @@ least energy. This measures both, per whole forward and per candidate of each pl
     python3 tools/power_probe.py alone MODEL:BATCH SITE NAME ...  named candidates of one site, sustained alone
     python3 tools/power_probe.py swaps MODEL:BATCH SITE=NAME ...    the measured plan and each one-site
                                                      swap, whole forwards sustained in alternation
+    python3 tools/power_probe.py plans MODEL:BATCH FILE|compile ... whole plans (a plan cache file, a results
+                                                     JSON's row for BATCH, or one measured now from an
+                                                     empty cache), whole forwards sustained in alternation
     python3 tools/power_probe.py ramp                  clock, power and the energy counter from idle into
                                                      a GEMM load, sampled every few milliseconds
 
@@ -19,6 +22,7 @@ and the SM clock; energy comes from the board's cumulative counter (millijoules)
 after. "reasons" ORs the clock-event reasons seen (0x4 software power cap, 0x20/0x40 thermal).
 """
 import ctypes
+import json
 import statistics
 import sys
 import tempfile
@@ -273,6 +277,46 @@ def swaps(nvml, spec, labels, rounds=3):
     sustain_rounds(nvml, graphs, "chosen", rounds, batch)
 
 
+def plan_from(path: str, batch: int) -> ops.Plan:
+    """The plan in a plan cache entry (plan.json), or in a results JSON's last row for `batch`."""
+    data = json.load(open(path))
+    if "plan" in data:
+        return ops.Plan(**data["plan"])
+    rows = [r for r in data["rows"] if r["batch_size"] == batch]
+    if not rows:
+        sys.exit(f"error: {path} has no row for batch {batch}")
+    return ops.Plan(**rows[-1]["plan"])
+
+
+def plans(nvml, spec, files, rounds=3):
+    """Whole plans against each other on one machine: do the plans that different runs chose differ
+    in time, beside the run-to-run spread of the machines? ("compile": a plan measured now.)"""
+    name, batch = spec.split(":")[:2]
+    batch, target = int(batch), detect("cuda")
+    model = wu.seeded_engine(vit_config(name, "ait"), torch.float16, target.device)
+    chosen = {}
+    for i, path in enumerate(files):
+        if path == "compile":
+            with tempfile.TemporaryDirectory() as cache:
+                plan = cp.compile_engine(model, batch, target, cp.Options(), cache_root=cache, log=print).plan
+            label = f"compile{i}"
+        else:
+            plan, label = plan_from(path, batch), path
+        same = [other for other, p in chosen.items() if p == plan]
+        print(f"{label}: {json.dumps({k: v for k, v in plan.as_dict().items() if v})}"
+              + (f" (the same as {same[0]})" if same else ""), flush=True)
+        if not same:
+            chosen[label] = plan
+    images = torch.randn(batch, model.cfg.in_chans, *model.cfg.img_size, device=target.device, dtype=torch.float16)
+    arena = cp.ActivationArena(model.cfg, batch, torch.float16, target.device)
+    graphs = {}
+    with torch.no_grad():
+        for label, plan in chosen.items():
+            model.set_plan(plan)
+            graphs[label], _ = cp.capture_graph(lambda: model(images, arena))
+    sustain_rounds(nvml, graphs, next(iter(graphs)), rounds, batch)
+
+
 def sustain_rounds(nvml, graphs: dict, base: str, rounds: int, batch: int):
     """Whole-forward graphs sustained in alternation, `rounds` times; medians against graphs[base]."""
     rows = {label: [] for label in graphs}
@@ -361,7 +405,7 @@ def ramp(nvml):
 
 
 def main(argv):
-    if not argv or argv[0] not in ("forward", "sites", "alone", "swaps", "ramp") or (argv[0] != "ramp" and len(argv) < 2) \
+    if not argv or argv[0] not in ("forward", "sites", "alone", "swaps", "plans", "ramp") or (argv[0] != "ramp" and len(argv) < 2) \
             or (argv[0] == "alone" and len(argv) < 4):
         sys.exit(__doc__)
     nvml = Nvml(torch.cuda.current_device())
@@ -373,6 +417,8 @@ def main(argv):
         alone(nvml, argv[1], argv[2], argv[3:])
     elif argv[0] == "swaps":
         swaps(nvml, argv[1], argv[2:])
+    elif argv[0] == "plans":
+        plans(nvml, argv[1], argv[2:])
     else:
         ramp(nvml)
 
