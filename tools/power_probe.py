@@ -11,6 +11,8 @@ least energy. This measures both, per whole forward and per candidate of each pl
     python3 tools/power_probe.py alone MODEL:BATCH SITE NAME ...  named candidates of one site, sustained alone
     python3 tools/power_probe.py swaps MODEL:BATCH SITE=NAME ...    the measured plan and each one-site
                                                      swap, whole forwards sustained in alternation
+    python3 tools/power_probe.py data MODEL:BATCH SITE NAME ...  named candidates of one site, sustained
+                                                     alone on random inputs and on a forward's own
     python3 tools/power_probe.py plans MODEL:BATCH FILE|compile ... whole plans (a plan cache file, a results
                                                      JSON's row for BATCH, or one measured now from an
                                                      empty cache), whole forwards sustained in alternation
@@ -162,8 +164,9 @@ def forward(nvml, specs):
         torch.cuda.empty_cache()
 
 
-def site_calls(model, batch, plan, site, names):
-    """{name: callable} for one plan site, on block 0's weights and random inputs of the real shapes."""
+def site_calls(model, batch, plan, site, names, data=None):
+    """{name: callable} for one plan site, on block 0's weights and random inputs of the real shapes,
+    or on `data` (block_inputs: what a forward feeds that block's sites)."""
     cfg, dev = model.cfg, model.patch_embed.weight.device
     dtype = model.patch_embed.weight.dtype
     rows, blk = batch * cfg.seq_len, model.blocks[0]
@@ -171,19 +174,24 @@ def site_calls(model, batch, plan, site, names):
 
     def rand(cols):
         return torch.randn(rows, cols, device=dev, dtype=dtype, generator=gen)
-    x, a, h, qkv = rand(cfg.embed_dim), rand(cfg.embed_dim), rand(cfg.mlp_hidden), rand(3 * cfg.embed_dim)
+    if data is None:
+        x, a, h, qkv = rand(cfg.embed_dim), rand(cfg.embed_dim), rand(cfg.mlp_hidden), rand(3 * cfg.embed_dim)
+        n1 = n2 = x
+    else:
+        blk = model.blocks[data["block"]]
+        x, n1, qkv, a, n2, h = (data[k].clone() for k in ("x", "n1", "qkv", "a", "n2", "h"))
     attn_out = rand(cfg.embed_dim)  # one output buffer: the CUDA attention kernel's descriptors are per address
     n = blk.norm1
 
     def call(name):
         impl, _, tile = name.partition(":")
         if site == "qkv":
-            return lambda: ops.linear(x, blk.qkv.weight, blk.qkv.bias, "" if name == "cublas" else name)
+            return lambda: ops.linear(n1, blk.qkv.weight, blk.qkv.bias, "" if name == "cublas" else name)
         if site in ("proj", "fc2"):
             src, weight = (a, blk.proj.weight) if site == "proj" else (h, blk.fc2.weight)
             return lambda: ops.residual_linear(x, src, weight, plan.residual, "" if name == "cublas" else name)
         if site == "mlp_act":
-            return lambda: ops.linear_gelu(x, blk.fc1.weight, blk.fc1.bias, cfg.act, impl, tile)
+            return lambda: ops.linear_gelu(n2, blk.fc1.weight, blk.fc1.bias, cfg.act, impl, tile)
         if site == "norm":
             return lambda: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, impl, tile=tile)
         if site == "attention":
@@ -195,10 +203,31 @@ def site_calls(model, batch, plan, site, names):
     return {name: call(name) for name in names}
 
 
-def sustain_site(nvml, model, batch, plan, site, names, times) -> dict:
+@torch.no_grad()
+def block_inputs(model, plan, images, block: int) -> dict:
+    """What a forward with `plan` feeds block `block`'s sites: the residual stream x, norm1's output
+    n1, qkv, the attention's output a, norm2's output n2 and fc1's GELU output h."""
+    cfg, batch = model.cfg, images.shape[0]
+    model.set_plan(plan)
+    with ops.sdpa_backend(plan.attention):
+        x = model.embed(images).clone()
+        for blk in model.blocks[:block]:
+            x = blk(x, batch, plan)
+        blk = model.blocks[block]
+        n1 = blk.norm1(x, plan).clone()
+        qkv = blk.qkv(n1, plan).clone()
+        a = ops.attention(qkv, batch, cfg.num_heads, cfg.head_dim, plan.attention, plan.attention_tile).clone()
+        x_in = x.clone()
+        x = blk.proj(a, plan, residual=x)
+        n2 = blk.norm2(x, plan).clone()
+        h = blk.fc1(n2, plan).clone()
+    return {"block": block, "x": x_in, "n1": n1, "qkv": qkv, "a": a, "n2": n2, "h": h}
+
+
+def sustain_site(nvml, model, batch, plan, site, names, times, data=None, tag="") -> dict:
     """{name: sustained row} for each candidate `name` of one site, alone in a graph of ~10 ms."""
     rows = {}
-    for label, fn in site_calls(model, batch, plan, site, names).items():
+    for label, fn in site_calls(model, batch, plan, site, names, data).items():
         try:
             fn()
             ms = times.get(label) or (min(times.values()) if times else 1.0)
@@ -207,7 +236,7 @@ def sustain_site(nvml, model, batch, plan, site, names, times) -> dict:
         except (RuntimeError, ValueError) as err:
             print(f"  {label}: does not run ({str(err)[:60]})")
             continue
-        rows[label] = sustain(nvml, graph.replay, per_replay, f"{label} ({times.get(label, 0):.4f})")
+        rows[label] = sustain(nvml, graph.replay, per_replay, f"{tag}{label} ({times.get(label, 0):.4f})")
         del graph
     return rows
 
@@ -254,6 +283,25 @@ def sites(nvml, spec, close, only=None):
     sum_j = depth * (sum(j for s, j in per_block_j.items() if s != "norm") + 2 * per_block_j.get("norm", 0))
     print(f"whole forward {whole['j']:.3f} J; the chosen kernels alone, summed over {depth} blocks: {sum_j:.3f} J",
           flush=True)
+
+
+def data(nvml, spec, site, names, rounds=2, block=5):
+    """Named candidates of one site, alone and sustained, on random inputs and on what a forward
+    feeds block `block`, alternating: do the isolated timings rank them as the whole forward does?"""
+    model, engine, batch = measured_engine(spec)
+    plan, times = engine.plan, dict(engine.info["measured"].get(site) or {})
+    real = block_inputs(model, plan, engine._static_in, block)
+    print(f"{spec}: plan {plan}; {site} candidates {names}; real inputs from block {block}", flush=True)
+    del engine
+    rows = {}
+    with torch.no_grad():
+        for r in range(rounds):
+            for tag, inputs in (("randn ", None), ("real ", real)):
+                for label, row in sustain_site(nvml, model, batch, plan, site, names, times, inputs, tag).items():
+                    rows.setdefault(tag + label, []).append(row)
+    for label, got in rows.items():
+        print(f"{label:40s} {statistics.median(r['ms'] for r in got):9.4f} ms "
+              f"{statistics.median(r['j'] for r in got) * 1e3:8.2f} mJ", flush=True)
 
 
 def swaps(nvml, spec, labels, rounds=3):
@@ -405,8 +453,8 @@ def ramp(nvml):
 
 
 def main(argv):
-    if not argv or argv[0] not in ("forward", "sites", "alone", "swaps", "plans", "ramp") or (argv[0] != "ramp" and len(argv) < 2) \
-            or (argv[0] == "alone" and len(argv) < 4):
+    if not argv or argv[0] not in ("forward", "sites", "alone", "data", "swaps", "plans", "ramp") or (argv[0] != "ramp" and len(argv) < 2) \
+            or (argv[0] in ("alone", "data") and len(argv) < 4):
         sys.exit(__doc__)
     nvml = Nvml(torch.cuda.current_device())
     if argv[0] == "forward":
@@ -415,6 +463,8 @@ def main(argv):
         sites(nvml, argv[1], float(argv[2]) if len(argv) > 2 else 0.08, argv[3].split(",") if len(argv) > 3 else None)
     elif argv[0] == "alone":
         alone(nvml, argv[1], argv[2], argv[3:])
+    elif argv[0] == "data":
+        data(nvml, argv[1], argv[2], argv[3:])
     elif argv[0] == "swaps":
         swaps(nvml, argv[1], argv[2:])
     elif argv[0] == "plans":
