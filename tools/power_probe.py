@@ -346,8 +346,14 @@ def plans(nvml, spec, files, rounds=3):
     for i, path in enumerate(files):
         if path == "compile":
             with tempfile.TemporaryDirectory() as cache:
-                plan = cp.compile_engine(model, batch, target, cp.Options(), cache_root=cache, log=print).plan
-            label = f"compile{i}"
+                engine = cp.compile_engine(model, batch, target, cp.Options(), cache_root=cache, log=print)
+            plan, label, report = engine.plan, f"compile{i}", engine.info["measured"]
+            print(f"{label}: compile_s {engine.info['compile_s']}, phases {report['phases_s']}", flush=True)
+            for site in ("qkv", "proj", "fc2", "mlp_act", "attention"):
+                times = report.get(site) or {}
+                print(f"  {site}: " + " ".join(f"{k}={v * 1e3:.1f}" for k, v in sorted(times.items(), key=lambda kv: kv[1])[:6]),
+                      flush=True)
+            del engine
         else:
             plan, label = plan_from(path, batch), path
         same = [other for other, p in chosen.items() if p == plan]
