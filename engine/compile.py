@@ -162,6 +162,7 @@ def graphed_ms(fn, device, budget_s: float = 0.12, calls: int = 5) -> float:
 PLAN_SUSTAINS = True    # from LIBRARY_ROWS, candidates are timed at the power cap (off: tools/switch_ab.py sustain=off)
 CAP_PREROLL_S = 0.1     # load before the first timing: from idle the clock holds its boost ~0.2 s, then falls
 CAP_PASSES = ((2, 0.02), (3, 0.05))  # (rounds, seconds per candidate per round): every candidate, then the finalists
+CAP_FINAL_SUSTAIN_S = 0.0  # > 0: the finalists instead each run alone this long (half untimed), one after another
 SUSTAIN_FINALISTS = 3
 
 
@@ -216,6 +217,10 @@ def _fastest_at_cap(runs: dict, estimates: dict, close: float) -> tuple:
             names = sorted((n for n in runs if statistics.median(samples[n]) <= best * (1 + close)),
                            key=lambda n: statistics.median(samples[n]))[:SUSTAIN_FINALISTS]
             if len(names) < 2:
+                break
+            if CAP_FINAL_SUSTAIN_S > 0:
+                for name in names:
+                    samples[name] = [_sustained_ms(*runs[name], estimates[name], CAP_FINAL_SUSTAIN_S)]
                 break
         for _ in range(rounds):
             for name in names:
