@@ -24,7 +24,7 @@ from . import EngineError
 from .target import Target
 from .timing import measure
 
-ENGINE_VERSION = "22"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
+ENGINE_VERSION = "21"  # 2: the plan names Triton attention and GEMM tiles; 3: fc1 and proj tiles too; 4: ws tiles;
 # 5: 128-deep tiles at small M; 6: reduce-add residual epilogue, split K, LayerNorm launch shapes;
 # 7: small plans checked end to end against their runners-up; 8: from 8192 rows our tiles must beat cuBLAS by 3%;
 # 9: cuBLASLt algorithms beyond its heuristic's first; 10: Triton kernels by programmatic dependent launch;
@@ -36,8 +36,7 @@ ENGINE_VERSION = "22"  # 2: the plan names Triton attention and GEMM tiles; 3: f
 # 19: a trial, reverted (perf-notes attempt 61); 20: the check descends site by site, the sites' isolated
 # timings one pass where it follows, and below 8192 rows only candidates that ever won (attempt 64);
 # 21: ... over candidates besides the plan's own pick, the library's however it timed alone (20 never tried
-# cuBLAS's GELU epilogue where a short pass had put the separate GELU first); 22: from 8192 rows every candidate
-# captured first, then all timed back to back at the power cap (attempt 66)
+# cuBLAS's GELU epilogue where a short pass had put the separate GELU first)
 DEFAULT_CACHE_ROOT = Path("tmp")
 
 
@@ -159,16 +158,16 @@ def graphed_ms(fn, device, budget_s: float = 0.12, calls: int = 5) -> float:
                    budget_s=budget_s).median_ms / calls
 
 
-PLAN_SUSTAINS = True    # from LIBRARY_ROWS, candidates are timed at the power cap (off: tools/switch_ab.py sustain=off)
-CAP_PREROLL_S = 0.1     # load before the first timing: from idle the clock holds its boost ~0.2 s, then falls
-CAP_PASSES = ((2, 0.02), (3, 0.05))  # (rounds, seconds per candidate per round): every candidate, then the finalists
-CAP_FINAL_SUSTAIN_S = 0.0  # > 0: the finalists instead each run alone this long (half untimed), one after another
+PLAN_SUSTAINS = True    # from LIBRARY_ROWS, finalists are timed sustained (off: tools/switch_ab.py sustain=off)
+SUSTAIN_S = 0.24        # per finalist, at large batch: half to let the clock settle, half timed
 SUSTAIN_FINALISTS = 3
 
 
 def _sustained_ms(run, calls: int, estimate_ms: float, seconds: float) -> float:
     """Mean ms per call of `run` (a graph of `calls` calls) replayed back to back for `seconds`,
-    the first half untimed (tools/lt_configs.py)."""
+    the first half untimed: the GPU's power controller sets the clock this kernel earns at the cap
+    (from idle the clock held for ~0.2 s, then dropped; for the two winners checked, 0.24 s read within
+    0.5% of 2 s: perf-notes attempt 45)."""
     replays = max(3, int(seconds / 2 / max(estimate_ms * calls / 1e3, 1e-5)))
     for _ in range(replays):
         run()
@@ -181,56 +180,8 @@ def _sustained_ms(run, calls: int, estimate_ms: float, seconds: float) -> float:
     return start.elapsed_time(end) / (replays * calls)
 
 
-def _window_ms(run, calls: int, estimate_ms: float, seconds: float) -> float:
-    """Mean ms per call of `run` (a graph of `calls` calls) replayed back to back for about
-    `seconds`, after one untimed replay."""
-    replays = max(2, int(seconds / max(estimate_ms * calls / 1e3, 1e-5)))
-    run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (replays * calls)
-
-
-def _fastest_at_cap(runs: dict, estimates: dict, close: float) -> tuple:
-    """(name, {name: ms per call}) for graphs captured beforehand ({name: (replay, calls per replay)}),
-    all timed at the power cap: after CAP_PREROLL_S of load, every candidate in alternation for a few
-    short windows, then the SUSTAIN_FINALISTS fastest within `close` for a few more; medians.
-
-    At large batch every kernel runs at the H100's 700 W cap. Timed one after another, each behind its
-    own capture (the GPU idle, the clock rising), and settled one by one for 0.24 s (engines 13-21), the
-    candidates ranked by the clock each met: five plans of engine 21 picked a qkv and an fc2 algorithm
-    0.6-1.3% slower in the whole forward than the one that 2-s timings alone ranked first (perf-notes
-    attempt 66). Back to back, with no capture between them, they all meet the capped clock."""
-    first = next(iter(runs))
-    end = time.perf_counter() + CAP_PREROLL_S
-    while time.perf_counter() < end:
-        _window_ms(*runs[first], estimates[first], 0.02)
-    samples = {name: [] for name in runs}
-    names = list(runs)
-    for i, (rounds, seconds) in enumerate(CAP_PASSES):
-        if i:  # the finalists
-            best = min(statistics.median(v) for v in samples.values())
-            names = sorted((n for n in runs if statistics.median(samples[n]) <= best * (1 + close)),
-                           key=lambda n: statistics.median(samples[n]))[:SUSTAIN_FINALISTS]
-            if len(names) < 2:
-                break
-            if CAP_FINAL_SUSTAIN_S > 0:
-                for name in names:
-                    samples[name] = [_sustained_ms(*runs[name], estimates[name], CAP_FINAL_SUSTAIN_S)]
-                break
-        for _ in range(rounds):
-            for name in names:
-                samples[name].append(_window_ms(*runs[name], estimates[name], seconds))
-    times = {name: statistics.median(v) for name, v in samples.items()}
-    return min(times, key=times.get), times
-
-
 def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, rounds: int = 2,
-             site_s: float = 0.6, at_cap: bool = False, settle: bool = True, first: Optional[dict] = None) -> tuple:
+             site_s: float = 0.6, sustain_s: float = 0.0, settle: bool = True, first: Optional[dict] = None) -> tuple:
     """Time each callable (skipping those that fail here); return (name, {name: ms per call}).
     The first pass gives each at most 0.12 s and all together about `site_s` (a large-batch GEMM
     site has up to eleven library candidates: the compile budget). Up to four candidates within `close`
@@ -239,14 +190,14 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
     under its power cap, one short timing each flipped choices a few percent apart between runs,
     and one transient once timed cuBLASLt's GELU epilogue 40% slow and lost it the plan.
 
-    With `at_cap` (large batches, in graphs) every candidate is captured first and all are timed back
-    to back at the power cap instead (_fastest_at_cap): there a kernel's time is its energy, and a
-    short timing, taken at the clock the previous kernel left, favours the power-hungry ones
-    (perf-notes attempts 45 and 66).
+    With `sustain_s` (large batches, in graphs) the first SUSTAIN_FINALISTS instead run back to back
+    for `sustain_s` each and the winner is the fastest of them there: every large-batch kernel runs
+    at the H100's power cap, where a short timing, taken at the clock the previous kernel left,
+    favours the power-hungry ones (perf-notes attempt 45).
 
     settle=False stops after the first pass (its timings only shortlist where the plan is checked end
     to end); `first` is such a pass's {name: ms}, to settle later without timing every one again."""
-    times, calls, probes, estimates = dict(first or {}), {}, {}, {}
+    times, calls, probes = dict(first or {}), {}, {}
 
     def replay(name):
         """(a graph replay of the candidate, its calls per replay). A call of 0.2 ms or more is timed
@@ -255,25 +206,11 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
         decided it serves the next timing."""
         if name not in calls:
             probe = _graphed(candidates[name], 1)
-            estimates[name] = measure(probe, device, warmup_s=0, min_iters=2, max_iters=2, budget_s=0).median_ms
-            long = estimates[name] >= 0.2
+            long = measure(probe, device, warmup_s=0, min_iters=2, max_iters=2, budget_s=0).median_ms >= 0.2
             calls[name] = 1 if long else 5
             if long:
                 probes[name] = probe
         return probes.pop(name, None) or _graphed(candidates[name], calls[name]), calls[name]
-
-    if at_cap and use_graph and not first:
-        runs = {}
-        for name in candidates:
-            try:
-                runs[name] = replay(name)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except (RuntimeError, ValueError, NotImplementedError, _TritonError):
-                continue
-        if not runs:
-            raise EngineError(f"no implementation of {', '.join(candidates)} runs here")
-        return _fastest_at_cap(runs, estimates, close)
 
     def time_one(name, budget_s, min_iters=10):
         fn = candidates[name]
@@ -296,6 +233,16 @@ def _fastest(candidates: dict, device, use_graph: bool, close: float = 0.2, roun
         return min(times, key=times.get), times
     best = min(times.values())
     finalists = sorted((n for n in times if times[n] <= best * (1 + close)), key=times.get)[:4]
+    if len(finalists) > 1 and sustain_s > 0 and use_graph:
+        # the report keeps the others' short timings: below the finalists' sustained ones, not comparable
+        sustained = []
+        for n in finalists[:SUSTAIN_FINALISTS]:
+            try:
+                times[n] = _sustained_ms(*replay(n), times[n], sustain_s)
+                sustained.append(n)
+            except (RuntimeError, ValueError, NotImplementedError, _TritonError):
+                continue
+        return min(sustained or finalists[:1], key=times.get), times
     if len(finalists) > 1:
         samples = {n: [times[n]] for n in finalists}
         for _ in range(rounds):
@@ -347,25 +294,22 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         for t in kernels.norm_tiles(rows):
             norms[f"triton:{t}"] = lambda t=t: ops.layer_norm(x, n.weight, n.bias, n.eps, n.shift, "triton", tile=t)
     a = torch.randn(rows, cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
-    at_cap = PLAN_SUSTAINS and rows >= kernels.LIBRARY_ROWS
+    sustain = SUSTAIN_S if PLAN_SUSTAINS and rows >= kernels.LIBRARY_ROWS else 0.0
     residual, t_res = _fastest({
         "add": lambda: ops.residual_linear(x, a, blk.proj.weight, "add"),
         "addmm": lambda: ops.residual_linear(x, a, blk.proj.weight, "addmm"),
-    }, dev, use_graph, at_cap=at_cap)
+    }, dev, use_graph, sustain_s=sustain)
     # each block GEMM: cuBLAS, or our Triton GEMM with one of its tiles (kernels.py)
     tiles = kernels.gemm_tiles(rows, options.wants_determinism()) if kernels.gemm_supported(
         dev, dtype, cfg.embed_dim, cfg.mlp_hidden, 3 * cfg.num_heads * cfg.head_dim) else ()
     h = torch.randn(rows, cfg.mlp_hidden, device=dev, dtype=dtype, generator=gen)
     qkv = torch.randn(rows, 3 * cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype, generator=gen)
-    # one output buffer per site: at large batch every candidate's graph is held at once (_fastest_at_cap)
-    qkv_out = torch.empty_like(qkv)
-    h_out = torch.empty_like(h)
     f1 = blk.fc1
     fc1 = {"separate": lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "separate")}
     # the tanh-GELU epilogue is an approximation below low-precision rounding, not below float32's
     tanh_ok = cfg.act == "gelu_tanh" or (not options.exact_gelu and dtype != torch.float32)
     if tanh_ok:
-        fc1["epilogue"] = lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue", out=h_out)
+        fc1["epilogue"] = lambda: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue")
     ours = "triton" if tanh_ok else "triton_erf"
 
     def usable(tile, accumulate):  # its shared memory holds this epilogue; split K only accumulates
@@ -373,13 +317,13 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
         return tile.fits() and (accumulate or tile.split_k == 1)
     # our fc1 tiles only where cuBLAS's tanh epilogue may not run: beside it they never won (121 plans below
     # LIBRARY_ROWS, engines 15-20; perf-notes attempt 64), and each is a kernel to compile cold
-    triton_fc1 = {f"{ours}:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, ours, t, out=h_out))
+    triton_fc1 = {f"{ours}:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, ours, t))
                   for t in tiles if usable(t, False) and not tanh_ok}
 
     def gemm_tiled(run_tile, accumulate=False):
         return {t: (lambda t=t: run_tile(t)) for t in tiles if usable(t, accumulate)}
     w, b = blk.qkv.weight, blk.qkv.bias
-    triton_qkv = gemm_tiled(lambda tile: ops.linear(x, w, b, tile, out=qkv_out))
+    triton_qkv = gemm_tiled(lambda tile: ops.linear(x, w, b, tile))
     triton_proj = gemm_tiled(lambda tile: ops.residual_linear(x, a, blk.proj.weight, residual, tile), True)
     triton_fc2 = gemm_tiled(lambda tile: ops.residual_linear(x, h, blk.fc2.weight, residual, tile), True)
 
@@ -397,14 +341,13 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
             return cublaslt.names(problem, extra=cublaslt.PLAN_TIMES_EXTRA_CONFIGS)
         except cublaslt.CublasLtError:
             return ()
-    lt_qkv = {t: (lambda t=t: ops.linear(x, w, b, t, out=qkv_out)) for t in lt(w, "bias")}
+    lt_qkv = {t: (lambda t=t: ops.linear(x, w, b, t)) for t in lt(w, "bias")}
     lt_proj = {t: (lambda t=t: ops.residual_linear(x, a, blk.proj.weight, residual, t))
                for t in lt(blk.proj.weight, residual_form=True)}
     lt_fc2 = {t: (lambda t=t: ops.residual_linear(x, h, blk.fc2.weight, residual, t))
               for t in lt(blk.fc2.weight, residual_form=True)}
     if tanh_ok:
-        fc1.update({f"epilogue:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue", t,
-                                                                  out=h_out))
+        fc1.update({f"epilogue:{t}": (lambda t=t: ops.linear_gelu(x, f1.weight, f1.bias, cfg.act, "epilogue", t))
                     for t in lt(f1.weight, "gelu_bias")})
 
     attn_out = torch.empty(qkv.shape[0], cfg.num_heads * cfg.head_dim, device=dev, dtype=dtype)
@@ -448,14 +391,14 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     # shortlist its candidates: their first pass is enough, and settling every site's close ones again
     # (up to four, twice each) cost up to 1.5 s of a small batch's compile (perf-notes attempt 64)
     sites = {"norm": norms, "mlp_act": {**fc1, **triton_fc1},
-             "qkv": {"cublas": lambda: ops.linear(x, w, b, out=qkv_out), **lt_qkv, **triton_qkv},
+             "qkv": {"cublas": lambda: ops.linear(x, w, b), **lt_qkv, **triton_qkv},
              "proj": {"cublas": lambda: ops.residual_linear(x, a, blk.proj.weight, residual), **lt_proj, **triton_proj},
              "fc2": {"cublas": lambda: ops.residual_linear(x, h, blk.fc2.weight, residual), **lt_fc2, **triton_fc2},
              "attention": {**sdpa, **triton_attention, **cuda_attn}}
-    defer = use_graph and not at_cap  # (timings at the cap are not second-guessed by a short check)
+    defer = use_graph and not sustain  # (sustained timings are not second-guessed by a short check)
     picks, report = {}, {}
     for site, candidates in sites.items():
-        picks[site], report[site] = _fastest(candidates, dev, use_graph, at_cap=at_cap, settle=not defer)
+        picks[site], report[site] = _fastest(candidates, dev, use_graph, sustain_s=sustain, settle=not defer)
         phase(site)
     check = defer and estimated_forward_ms(report, cfg.depth) <= REFINE_MAX_MS
     if defer and not check:
@@ -467,7 +410,7 @@ def choose_plan(model, batch: int, target: Target, options: Options, use_graph: 
     plan = ops.Plan(residual=residual, embed="triton")
     for site, name in picks.items():
         plan = with_choice(plan, site, name)
-    return plan, {**report, "residual": t_res, "phases_s": phases, "at_cap": at_cap, "check_end_to_end": check}
+    return plan, {**report, "residual": t_res, "phases_s": phases, "sustained_s": sustain, "check_end_to_end": check}
 
 
 # --- checking the plan end to end --------------------------------------------------------------

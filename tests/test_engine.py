@@ -395,25 +395,21 @@ def test_refine_plan_descends_to_the_fastest_whole_forward():
     assert visited == sorted(set(visited), key=visited.index)
 
 
-def test_large_batch_candidates_are_all_captured_then_timed_back_to_back_at_the_cap():
-    """At the power cap a kernel's short timing, taken at the clock the previous one left (a capture
-    idles the GPU), can rank it first while it is slowest at the cap (perf-notes attempts 45, 66).
-    With at_cap every candidate is captured before any is timed (one that fails to capture is
-    skipped), all are timed in alternation, then the three fastest within `close` for more rounds,
-    and the winner is the lowest median; without at_cap the short timings decide."""
+def test_large_batch_finalists_are_chosen_by_their_sustained_time():
+    """At the power cap a kernel's short timing, taken at the clock the previous one left, can
+    rank it first while it runs slowest sustained (perf-notes attempt 45): with sustain_s the first
+    three finalists are timed sustained and the winner is the fastest of them there, not a
+    candidate whose short time is lower than every sustained one; one that fails to run sustained
+    is skipped. Without sustain_s the short timings decide."""
     from unittest import mock
 
     from engine import compile as comp
     from engine.timing import Timing
-    short = {"hungry": 0.300, "frugal": 0.310, "broken": 0.311, "third": 0.312, "fourth": 0.313, "far": 0.500}
-    at_cap = {"hungry": [0.33, 0.33, 0.30, 0.33, 0.34], "frugal": [0.32, 0.31, 0.32, 0.32, 0.40],
-              "third": [0.325, 0.33, 0.33, 0.33, 0.33], "fourth": [0.34, 0.34], "far": [0.5, 0.5]}
-    events = []
+    short = {"hungry": 0.300, "frugal": 0.310, "broken": 0.311, "fourth": 0.312, "far": 0.500}
+    sustained = {"hungry": 0.33, "frugal": 0.32, "fourth": 0.31}
+    ran = []
 
     def fake_graphed(fn, calls=5):
-        if fn.__name__ == "broken":
-            raise RuntimeError("does not run here")
-        events.append(("capture", fn.__name__))
         return (fn, calls)
 
     def fake_measure(run, device, **kwargs):
@@ -421,12 +417,12 @@ def test_large_batch_candidates_are_all_captured_then_timed_back_to_back_at_the_
         ms = short[fn.__name__] * calls
         return Timing(ms, ms, ms, ms, 10)
 
-    def fake_window(run, calls, estimate_ms, seconds):
+    def fake_sustained(run, calls, estimate_ms, seconds):
         fn, _ = run
-        assert calls == 1 and estimate_ms == short[fn.__name__]  # 0.2 ms or more: one call per replay
-        events.append(("time", fn.__name__, seconds))
-        done = sum(1 for e in events if e[0] == "time" and e[1] == fn.__name__ and e[2] == seconds)
-        return at_cap[fn.__name__][min(done - 1, len(at_cap[fn.__name__]) - 1)]
+        ran.append(fn.__name__)
+        if fn.__name__ == "broken":
+            raise RuntimeError("does not run here")
+        return sustained[fn.__name__]
 
     def named(name):
         def fn():
@@ -435,19 +431,11 @@ def test_large_batch_candidates_are_all_captured_then_timed_back_to_back_at_the_
         return fn
     candidates = {name: named(name) for name in short}
     with mock.patch.object(comp, "_graphed", fake_graphed), mock.patch.object(comp, "measure", fake_measure), \
-            mock.patch.object(comp, "_window_ms", fake_window), mock.patch.object(comp, "CAP_PREROLL_S", 0.0), \
-            mock.patch.object(comp, "CAP_PASSES", ((2, 0.02), (3, 0.05))):
-        name, times = comp._fastest(candidates, torch.device("cpu"), use_graph=True, close=0.2, at_cap=True)
-        timed = [e for e in events if e[0] == "time"]
-        last_capture = max(i for i, e in enumerate(events) if e[0] == "capture")
-        assert last_capture < events.index(timed[0]) or not timed  # all captured before any timing
-        first_pass = [e[1] for e in timed if e[2] == 0.02]
-        assert sorted(first_pass) == sorted(["far", "fourth", "frugal", "hungry", "third"] * 2)
-        finals = [e[1] for e in timed if e[2] == 0.05]
-        # after two rounds: frugal 0.315, hungry 0.33, third 0.3275, fourth 0.34: the three fastest go on
-        assert sorted(set(finals)) == ["frugal", "hungry", "third"] and len(finals) == 9, finals
-        assert name == "frugal" and "broken" not in times, times
-        assert times["frugal"] == 0.32 and times["far"] == 0.5
-        events.clear()
+            mock.patch.object(comp, "_sustained_ms", fake_sustained):
+        name, times = comp._fastest(candidates, torch.device("cpu"), use_graph=True, sustain_s=0.2)
+        # "fourth" (0.31 sustained) is the fourth finalist: not sustained, its short time not a winner
+        assert name == "frugal" and sorted(ran) == ["broken", "frugal", "hungry"], (times, ran)
+        assert times["hungry"] == 0.33 and times["fourth"] == 0.312 and times["far"] == 0.50
+        ran.clear()
         name, _ = comp._fastest(candidates, torch.device("cpu"), use_graph=True)
-    assert name == "hungry" and not [e for e in events if e[0] == "time"]
+    assert name == "hungry" and not ran
