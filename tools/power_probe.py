@@ -315,6 +315,12 @@ def swaps(nvml, spec, labels, rounds=3):
             print(f"note: {label} is the measured plan's own choice", flush=True)
     print(f"{spec}: plan {engine.plan}", flush=True)
     del engine
+    sustain_plans(nvml, model, batch, target, plans, rounds)
+
+
+def sustain_plans(nvml, model, batch, target, plans: dict, rounds: int):
+    """Each plan's whole forward captured in its own graph on one arena, then sustain_rounds against
+    the first."""
     images = torch.randn(batch, model.cfg.in_chans, *model.cfg.img_size, device=target.device, dtype=torch.float16)
     arena = cp.ActivationArena(model.cfg, batch, torch.float16, target.device)
     graphs = {}
@@ -322,7 +328,7 @@ def swaps(nvml, spec, labels, rounds=3):
         for label, plan in plans.items():
             model.set_plan(plan)
             graphs[label], _ = cp.capture_graph(lambda: model(images, arena))
-    sustain_rounds(nvml, graphs, "chosen", rounds, batch)
+    sustain_rounds(nvml, graphs, next(iter(graphs)), rounds, batch)
 
 
 def plan_from(path: str, batch: int) -> ops.Plan:
@@ -361,14 +367,7 @@ def plans(nvml, spec, files, rounds=3):
               + (f" (the same as {same[0]})" if same else ""), flush=True)
         if not same:
             chosen[label] = plan
-    images = torch.randn(batch, model.cfg.in_chans, *model.cfg.img_size, device=target.device, dtype=torch.float16)
-    arena = cp.ActivationArena(model.cfg, batch, torch.float16, target.device)
-    graphs = {}
-    with torch.no_grad():
-        for label, plan in chosen.items():
-            model.set_plan(plan)
-            graphs[label], _ = cp.capture_graph(lambda: model(images, arena))
-    sustain_rounds(nvml, graphs, next(iter(graphs)), rounds, batch)
+    sustain_plans(nvml, model, batch, target, chosen, rounds)
 
 
 def sustain_rounds(nvml, graphs: dict, base: str, rounds: int, batch: int):
