@@ -12,7 +12,7 @@ least energy. This measures both, per whole forward and per candidate of each pl
     python3 tools/power_probe.py swaps MODEL:BATCH SITE=NAME ...    the measured plan and each one-site
                                                      swap, whole forwards sustained in alternation
     python3 tools/power_probe.py data MODEL:BATCH SITE NAME ...  named candidates of one site, sustained
-                                                     alone on random inputs and on a forward's own
+                                                     alone on random inputs and on a forward's own ones
     python3 tools/power_probe.py plans MODEL:BATCH FILE|compile ... whole plans (a plan cache file, a results
                                                      JSON's row for BATCH, or one measured now from an
                                                      empty cache), whole forwards sustained in alternation
@@ -164,9 +164,9 @@ def forward(nvml, specs):
         torch.cuda.empty_cache()
 
 
-def site_calls(model, batch, plan, site, names, data=None):
+def site_calls(model, batch, plan, site, names, inputs=None):
     """{name: callable} for one plan site, on block 0's weights and random inputs of the real shapes,
-    or on `data` (block_inputs: what a forward feeds that block's sites)."""
+    or on `inputs` (block_inputs: what a forward feeds that block's sites)."""
     cfg, dev = model.cfg, model.patch_embed.weight.device
     dtype = model.patch_embed.weight.dtype
     rows, blk = batch * cfg.seq_len, model.blocks[0]
@@ -174,12 +174,12 @@ def site_calls(model, batch, plan, site, names, data=None):
 
     def rand(cols):
         return torch.randn(rows, cols, device=dev, dtype=dtype, generator=gen)
-    if data is None:
+    if inputs is None:
         x, a, h, qkv = rand(cfg.embed_dim), rand(cfg.embed_dim), rand(cfg.mlp_hidden), rand(3 * cfg.embed_dim)
         n1 = n2 = x
     else:
-        blk = model.blocks[data["block"]]
-        x, n1, qkv, a, n2, h = (data[k].clone() for k in ("x", "n1", "qkv", "a", "n2", "h"))
+        blk = model.blocks[inputs["block"]]
+        x, n1, qkv, a, n2, h = (inputs[k].clone() for k in ("x", "n1", "qkv", "a", "n2", "h"))
     attn_out = rand(cfg.embed_dim)  # one output buffer: the CUDA attention kernel's descriptors are per address
     n = blk.norm1
 
@@ -224,10 +224,10 @@ def block_inputs(model, plan, images, block: int) -> dict:
     return {"block": block, "x": x_in, "n1": n1, "qkv": qkv, "a": a, "n2": n2, "h": h}
 
 
-def sustain_site(nvml, model, batch, plan, site, names, times, data=None, tag="") -> dict:
+def sustain_site(nvml, model, batch, plan, site, names, times, inputs=None, tag="") -> dict:
     """{name: sustained row} for each candidate `name` of one site, alone in a graph of ~10 ms."""
     rows = {}
-    for label, fn in site_calls(model, batch, plan, site, names, data).items():
+    for label, fn in site_calls(model, batch, plan, site, names, inputs).items():
         try:
             fn()
             ms = times.get(label) or (min(times.values()) if times else 1.0)
@@ -333,10 +333,10 @@ def sustain_plans(nvml, model, batch, target, plans: dict, rounds: int):
 
 def plan_from(path: str, batch: int) -> ops.Plan:
     """The plan in a plan cache entry (plan.json), or in a results JSON's last row for `batch`."""
-    data = json.load(open(path))
-    if "plan" in data:
-        return ops.Plan(**data["plan"])
-    rows = [r for r in data["rows"] if r["batch_size"] == batch]
+    entry = json.load(open(path))
+    if "plan" in entry:
+        return ops.Plan(**entry["plan"])
+    rows = [r for r in entry["rows"] if r["batch_size"] == batch]
     if not rows:
         sys.exit(f"error: {path} has no row for batch {batch}")
     return ops.Plan(**rows[-1]["plan"])
