@@ -17,6 +17,9 @@ Each is asked of the heuristic, run on a small shape against float32, then (wher
 MODEL:BATCH's qkv and fc1 shapes beside the engine's own call, short and sustained at the power cap.
 
     python3 tools/token_scale_probe.py WAY [MODEL:BATCH]      WAY: alpha, alpha_row or outer
+
+Outcome with cuBLASLt 13.1 on the H100 (2026-12-07): none of the three is offered, for float16 or
+bfloat16 (outer: status 7, the alpha ways: status 15). Run it again when cuBLASLt changes.
 """
 import ctypes
 import sys
