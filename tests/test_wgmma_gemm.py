@@ -1,0 +1,64 @@
+"""The prototype GEMM with a per-token factor (tools/wgmma_gemm.py, perf-notes attempt 68): its
+LayerNorm-fold algebra on the CPU, and its CUDA C++ source built for sm_90a by NVRTC (no GPU needed).
+Its numbers on the GPU: `python3 tools/wgmma_gemm.py` checks them against float32 before timing."""
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+import wgmma_gemm  # noqa: E402
+
+
+@pytest.mark.parametrize("tokens,dim,out", [(197, 192, 576), (37, 384, 1536)])
+def test_layer_norm_folds_into_a_row_scaled_gemm(tokens, dim, out):
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, dim, generator=g, dtype=torch.float64) * 3 + torch.randn(tokens, 1, generator=g) * 5
+    gamma, beta = torch.randn(dim, generator=g, dtype=torch.float64), torch.randn(dim, generator=g, dtype=torch.float64)
+    w, b = torch.randn(out, dim, generator=g, dtype=torch.float64), torch.randn(out, generator=g, dtype=torch.float64)
+    eps = 1e-6
+    want = F.layer_norm(x, (dim,), gamma, beta, eps) @ w.t() + b
+    w2, b2 = wgmma_gemm.fold_layer_norm(gamma, beta, w, b)
+    rstd = torch.rsqrt(x.var(dim=1, unbiased=False) + eps)
+    got = wgmma_gemm.reference(x, w2, b2, rstd.float())
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # the check can fail: without the row-mean subtraction the fold is wrong
+    wrong = wgmma_gemm.reference(x, (w * gamma[None, :]), b2, rstd.float())
+    assert not torch.allclose(wrong.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def _sass(binary):
+    import triton
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.access(nvdisasm, os.X_OK):
+        pytest.skip("no nvdisasm beside Triton")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(binary)
+        f.flush()
+        done = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("dtype,gelu", [(torch.float16, False), (torch.bfloat16, True)])
+def test_wgmma_gemm_builds_without_spills(dtype, gelu):
+    """Four m64n256k16 MMAs a K step, asynchronous (one wait allowing a group in flight), and no local
+    memory: 128 accumulators a thread must stay in registers."""
+    try:
+        from torch.cuda._utils import _nvrtc_compile
+        _nvrtc_compile('extern "C" __global__ void probe() {}', "probe", "90a")
+    except (ImportError, OSError, RuntimeError) as err:
+        pytest.skip(f"no NVRTC here: {err}")
+    binary, name = _nvrtc_compile(wgmma_gemm.source(dtype, gelu), "scaled_gemm", "90a", None, ["--use_fast_math"])
+    sass = _sass(binary)
+    assert sass.count("HGMMA.64x256x16.F32") == 4
+    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
+    assert "STL" not in sass and "LDL" not in sass
+    assert wgmma_gemm.SHARED_BYTES <= 227 * 1024
+    with pytest.raises(RuntimeError):  # a broken source fails (the check above can fail)
+        _nvrtc_compile(wgmma_gemm.source(dtype, gelu).replace("wgmma.fence", "wgmma.fencex"), "scaled_gemm", "90a",
+                       None, ["--use_fast_math"])
