@@ -62,3 +62,14 @@ def test_wgmma_gemm_builds_without_spills(dtype, gelu):
     with pytest.raises(RuntimeError):  # a broken source fails (the check above can fail)
         _nvrtc_compile(wgmma_gemm.source(dtype, gelu).replace("wgmma.fence", "wgmma.fencex"), "scaled_gemm", "90a",
                        None, ["--use_fast_math"])
+
+
+def test_wgmma_gemm_refuses_what_it_cannot_run():
+    x, w = torch.zeros(5, 64, dtype=torch.float16), torch.zeros(256, 64, dtype=torch.float16)
+    for bad in (dict(w=torch.zeros(256, 96, dtype=torch.float16)), dict(x=torch.zeros(5, 96, dtype=torch.float16)),
+                dict(w=torch.zeros(200, 64, dtype=torch.float16)), dict(w=w.bfloat16()), dict(x=torch.zeros(0, 64)),
+                dict(bias=torch.zeros(256, dtype=torch.float16)), dict(row_scale=torch.zeros(4)),
+                dict(out=torch.zeros(5, 256))):
+        args = dict(x=x, w=w) | bad
+        with pytest.raises(ValueError, match="scaled_gemm wants"):
+            wgmma_gemm.scaled_gemm(**args)

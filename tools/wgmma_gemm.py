@@ -15,8 +15,10 @@ through shared memory in 64 x 64 pieces by TMA stores (two buffers a warpgroup, 
 while the last one leaves). Tiles go n-fastest, so the tiles of one block of rows read their A from L2.
 K must be a multiple of 64 and N of 256; rows past M are read as zeros and not written.
 
-    python3 tools/wgmma_gemm.py [MODEL:BATCH]      numbers against float32 at odd sizes, then the qkv
-                                                   and fc1 shapes timed beside cuBLAS, short and sustained
+    timeout -s KILL 150 python3 tools/wgmma_gemm.py [MODEL:BATCH]
+        numbers against float32 at odd sizes (one with more tiles than SMs), then the qkv and fc1 shapes
+        checked and timed beside cuBLAS, short and sustained (about a minute; never run yet, and a wrong
+        barrier phase would spin forever, hence the timeout)
 """
 import ctypes
 import functools
@@ -215,9 +217,15 @@ def _kernel(dtype: torch.dtype, gelu: bool, device_index: int):
 def scaled_gemm(x, w, bias=None, row_scale=None, gelu=False, out=None):
     """act(row_scale[:, None] * (x @ w^T) + bias) by the kernel above; bias and row_scale float32."""
     (m, k), n = x.shape, w.shape[0]
-    if k % BK or n % BN or w.shape[1] != k or not (x.is_contiguous() and w.is_contiguous()):
-        raise ValueError(f"scaled_gemm wants contiguous x (M, K), w (N, K) with K % {BK} == 0, N % {BN} == 0")
+    if not (m and k and n) or k % BK or n % BN or w.shape[1] != k or w.dtype != x.dtype \
+            or not (x.is_contiguous() and w.is_contiguous()):
+        raise ValueError(f"scaled_gemm wants contiguous x (M, K), w (N, K) of one dtype, K % {BK} == 0, N % {BN} == 0")
+    for vector, length in ((bias, n), (row_scale, m)):
+        if vector is not None and (vector.dtype != torch.float32 or vector.shape != (length,) or not vector.is_contiguous()):
+            raise ValueError("scaled_gemm wants bias (N,) and row_scale (M,) contiguous float32")
     out = torch.empty(m, n, device=x.device, dtype=x.dtype) if out is None else out
+    if out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError("scaled_gemm wants out (M, N) contiguous, of x's dtype")
     maps = (cuda_attention._tensor_map(x.view(1, m, k), BM), cuda_attention._tensor_map(w.view(1, n, k), BN),
             cuda_attention._tensor_map(out.view(1, m, n), 64))
     dummy = out  # never read where its flag is off
@@ -254,13 +262,14 @@ def check():
     g = torch.Generator(device="cuda").manual_seed(0)
     for dtype in (torch.float16, torch.bfloat16):
         for m, n, k, scaled, biased, gelu in ((392, 2304, 768, True, True, False), (197, 256, 64, False, False, False),
-                                              (1000, 3072, 768, True, True, True), (129, 768, 3072, False, True, False)):
+                                              (1000, 3072, 768, True, True, True), (129, 768, 3072, False, True, False),
+                                              (4100, 3072, 768, True, True, True)):  # 396 tiles: CTAs take several
             x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
             w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
             bias = torch.randn(n, device="cuda", generator=g) if biased else None
             scale = torch.rand(m, device="cuda", generator=g) * 4 + 0.05 if scaled else None
-            y = scaled_gemm(x, w, bias, scale, gelu)
-            torch.cuda.synchronize()
+            y = scaled_gemm(x, w, bias, scale, gelu, torch.full((m, n), float("nan"), device="cuda", dtype=dtype))
+            torch.cuda.synchronize()  # (NaN-filled: a piece never written fails)
             ref = reference(x, w, bias, scale, gelu)
             plain = reference(x, w, bias, scale, gelu).to(dtype).float()  # rounding the output alone
             err = ((y.float() - ref).norm() / ref.norm()).item()
@@ -275,7 +284,7 @@ def check():
 def compare(spec):
     """qkv (bias) and fc1 (bias + GELU) at MODEL:BATCH: this kernel (with a row scale) beside cuBLASLt's
     algorithms for the same GEMM without one, short timings, then the fastest of each sustained."""
-    from engine.compile import graphed_ms
+    from engine.compile import capture_graph, graphed_ms
     from modeling import cublaslt as lt
     from modeling.config import vit_config
     from power_probe import Nvml, sustain
@@ -293,6 +302,10 @@ def compare(spec):
                 for i, (a, b) in enumerate(lt.algorithms(problem))}
         runs["ours"] = lambda: scaled_gemm(x, w, bias, scale, gelu, out)
         runs["ours"]()  # the tensor maps are made outside capture
+        ref = reference(x, w, bias, scale, gelu)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        print(f"{spec} {site} ours: relative error {err:.2e} against float32", flush=True)
+        del ref
         flops = 2 * m * n * k
         short = {label: graphed_ms(fn, dev, budget_s=0.15) for label, fn in runs.items()}
         for label, ms in short.items():
@@ -300,10 +313,7 @@ def compare(spec):
         best = min((ms, label) for label, ms in short.items() if label != "ours")[1]
         for round_ in range(2):
             for label in (best, "ours"):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for _ in range(10):
-                        runs[label]()
+                graph, _ = capture_graph(lambda: [runs[label]() for _ in range(10)])
                 sustain(nvml, graph.replay, 10, f"{site} {label} round {round_ + 1}")
 
 
