@@ -27,7 +27,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from engine.compile import graphed_ms
+from engine.compile import capture_graph, graphed_ms
 from modeling import cublaslt as lt
 from modeling.config import vit_config
 from power_probe import Nvml, sustain
@@ -187,11 +187,7 @@ def compare(way, spec):
                 for prefix in ("engine", way) if any(label.startswith(prefix) for label in short)]
         for round_ in range(2):
             for label in best:
-                graph = torch.cuda.CUDAGraph()
-                runs[label]()
-                with torch.cuda.graph(graph):
-                    for _ in range(10):
-                        runs[label]()
+                graph, _ = capture_graph(lambda: [runs[label]() for _ in range(10)])
                 sustain(nvml, graph.replay, 10, f"{site} {label} round {round_ + 1}")
 
 
