@@ -304,12 +304,10 @@ def supported(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device)
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(seq: int, heads: int, dtype: torch.dtype, variant: str, device_index: int):
+def build(code: str, name: str, nbytes: int, device_index: int):
+    """A Hopper kernel compiled by NVRTC for sm_90a and allowed `nbytes` of dynamic shared memory."""
     with torch.cuda.device(device_index):
-        kernel = torch.cuda._compile_kernel(source(seq, heads, dtype, variant), "short_attention",
-                                            compute_capability="90a", nvcc_options=["--use_fast_math"])
-        nbytes = shared_bytes(seq, variant)
+        kernel = torch.cuda._compile_kernel(code, name, compute_capability="90a", nvcc_options=["--use_fast_math"])
         cuda = ctypes.CDLL("libcuda.so.1")
         max_dynamic_shared = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         err = cuda.cuFuncSetAttribute(kernel.func, max_dynamic_shared, nbytes)
@@ -317,6 +315,11 @@ def _kernel(seq: int, heads: int, dtype: torch.dtype, variant: str, device_index
             raise RuntimeError(f"cuFuncSetAttribute: CUresult {err}")
         kernel._max_shared_mem_bytes = nbytes
         return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(seq: int, heads: int, dtype: torch.dtype, variant: str, device_index: int):
+    return build(source(seq, heads, dtype, variant), "short_attention", shared_bytes(seq, variant), device_index)
 
 
 def _tensor_map(t3: torch.Tensor, box_rows: int) -> torch.Tensor:

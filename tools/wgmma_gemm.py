@@ -20,7 +20,6 @@ K must be a multiple of 64 and N of 256; rows past M are read as zeros and not w
         checked and timed beside cuBLAS, short and sustained (about a minute; never run yet, and a wrong
         barrier phase would spin forever, hence the timeout)
 """
-import ctypes
 import functools
 import sys
 
@@ -34,14 +33,6 @@ THREADS = 288                       # two consumer warpgroups and one producer w
 STAGE_BYTES = (BM + BN) * BK * 2
 OUT_BYTES = 2 * 2 * 64 * 64 * 2     # two 64 x 64 output buffers per consumer warpgroup
 SHARED_BYTES = 1024 + STAGES * STAGE_BYTES + OUT_BYTES + 2 * STAGES * 8
-
-
-def _operands(count: int) -> str:
-    return ", ".join(f"%{i}" for i in range(count))
-
-
-def _acc(count: int) -> str:
-    return ", ".join(f'"+f"(acc[{i}])' for i in range(count))
 
 
 def source(dtype: torch.dtype = torch.float16, gelu: bool = False) -> str:
@@ -153,9 +144,9 @@ extern "C" __global__ void __launch_bounds__(288, 1) scaled_gemm(const void* map
                 unsigned long long db = desc_sw128(stage + A_BYTES + 32 * k);
                 asm volatile(
                     "{{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                    "wgmma.mma_async.sync.aligned.m64n256k16.f32." KIND "." KIND " {{{_operands(128)}}}, "
+                    "wgmma.mma_async.sync.aligned.m64n256k16.f32." KIND "." KIND " {{{cuda_attention._operands(0, 128)}}}, "
                     "%128, %129, p, 1, 1, 0, 0;\n}}\n"
-                    : {_acc(128)}
+                    : {cuda_attention._acc_constraints("acc", 128)}
                     : "l"(da), "l"(db), "r"(kb * 4 + k));
             }}
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
@@ -204,14 +195,7 @@ extern "C" __global__ void __launch_bounds__(288, 1) scaled_gemm(const void* map
 
 @functools.lru_cache(maxsize=None)
 def _kernel(dtype: torch.dtype, gelu: bool, device_index: int):
-    with torch.cuda.device(device_index):
-        kernel = torch.cuda._compile_kernel(source(dtype, gelu), "scaled_gemm", compute_capability="90a",
-                                            nvcc_options=["--use_fast_math"])
-        err = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(kernel.func, 8, SHARED_BYTES)  # max dynamic shared
-        if err:
-            raise RuntimeError(f"cuFuncSetAttribute: CUresult {err}")
-        kernel._max_shared_mem_bytes = SHARED_BYTES
-        return kernel
+    return cuda_attention.build(source(dtype, gelu), "scaled_gemm", SHARED_BYTES, device_index)
 
 
 def scaled_gemm(x, w, bias=None, row_scale=None, gelu=False, out=None):
