@@ -13,10 +13,10 @@ applies it, both LayerNorm writes of every block go, with no kernel of ours. Thr
 - `outer`: the engine's own call with A and B scaled by outer vectors (OUTER_VEC_32F: ones per feature,
   rstd per token), keeping its bias and GELU epilogues. cuBLASLt documents it for FP8.
 
-Each is asked of the heuristic, run on a small shape against float32, then (where it runs) timed at
-MODEL:BATCH's qkv and fc1 shapes beside the engine's own call, short and sustained at the power cap.
+Each is asked of the heuristic and, where offered, run on a small shape against float32. (Timing one
+beside cuBLAS's plain call would follow tools/wgmma_gemm.py's compare().)
 
-    python3 tools/token_scale_probe.py WAY [MODEL:BATCH]      WAY: alpha, alpha_row or outer
+    python3 tools/token_scale_probe.py WAY      WAY: alpha, alpha_row or outer
 
 Outcome with cuBLASLt 13.1 on the H100 (2026-12-07): none of the three is offered, for float16 or
 bfloat16 (outer: status 7, the alpha ways: status 15). Run it again when cuBLASLt changes.
@@ -27,10 +27,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from engine.compile import capture_graph, graphed_ms
 from modeling import cublaslt as lt
-from modeling.config import vit_config
-from power_probe import Nvml, sustain
 
 WAYS = ("alpha", "alpha_row", "outer")
 _DESC_POINTER_MODE, _DESC_A_SCALE_POINTER, _DESC_B_SCALE_POINTER = 2, 17, 18
@@ -164,41 +161,14 @@ def check(way, dtype, act):
     return ok
 
 
-def compare(way, spec):
-    """At MODEL:BATCH's qkv and fc1 shapes: every offered algorithm of `way` and of the engine's own call,
-    short timings in graphs; then the fastest of each sustained at the cap, in alternation."""
-    name, batch = spec.split(":")
-    cfg = vit_config(name, "ait")
-    tokens, dtype, nvml = int(batch) * cfg.seq_len, torch.float16, Nvml(torch.cuda.current_device())
-    dev = torch.device("cuda")
-    for site, features, act in (("qkv", 3 * cfg.embed_dim, "bias"), ("fc1", cfg.mlp_hidden, "gelu_bias")):
-        k = cfg.embed_dim
-        x, w, bias, rstd, ones, out = operands(tokens, features, k, dtype)
-        gemm = ScaledGemm(way, tokens, features, k, dtype, act)
-        plain = lt.Problem(tokens, features, k, dtype, act)
-        runs = {f"engine lt{i}": (lambda a=a, n=n: lt.run(plain, a, n, x, w, bias, out.view(tokens, features)))
-                for i, (a, n) in enumerate(lt.algorithms(plain))}
-        runs.update({f"{way} lt{i}": (lambda a=a, n=n: gemm.run(a, n, x, w, bias, rstd, ones, out))
-                     for i, (a, n) in enumerate(gemm.algorithms()[1])})
-        short = {label: graphed_ms(fn, dev, budget_s=0.15) for label, fn in runs.items()}
-        for label, ms in short.items():
-            print(f"{spec} {site} {label:16s} {ms * 1e3:8.1f} us short", flush=True)
-        best = [min((ms, label) for label, ms in short.items() if label.startswith(prefix))[1]
-                for prefix in ("engine", way) if any(label.startswith(prefix) for label in short)]
-        for round_ in range(2):
-            for label in best:
-                graph, _ = capture_graph(lambda: [runs[label]() for _ in range(10)])
-                sustain(nvml, graph.replay, 10, f"{site} {label} round {round_ + 1}")
-
-
 def main(argv):
     if not argv or argv[0] not in WAYS:
         sys.exit(__doc__)
-    way, spec = argv[0], argv[1] if len(argv) > 1 else "vit_base_patch16_224:256"
+    way = argv[0]
     print(f"cuBLASLt {lt.version()}, {torch.cuda.get_device_name()}", flush=True)
-    works = [check(way, dtype, act) for dtype in (torch.float16, torch.bfloat16) for act in ("bias", "gelu_bias")]
-    if works[0] or works[1]:
-        compare(way, spec)
+    for dtype in (torch.float16, torch.bfloat16):
+        for act in ("bias", "gelu_bias"):
+            check(way, dtype, act)
 
 
 if __name__ == "__main__":
