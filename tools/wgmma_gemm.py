@@ -33,33 +33,41 @@ BM, BN, BK, STAGES = 128, 256, 64, 3
 THREADS = 288                       # two consumer warpgroups and one producer warp
 STAGE_BYTES = (BM + BN) * BK * 2
 OUT_BYTES = BM * BN * 2             # the whole output tile, staged for its TMA stores
-BIAS_BYTES = 2 * BN * 4             # the tile's bias, one copy per consumer warpgroup
+BIAS_BYTES = 2 * BN * 8             # the tile's bias and shift, one copy per consumer warpgroup
 SHARED_BYTES = 1024 + STAGES * STAGE_BYTES + OUT_BYTES + BIAS_BYTES + 2 * STAGES * 8
 CLUSTERS = (1, 2)                   # CTAs a cluster: 2 shares each weight tile between two row blocks
 
 
-def _epilogue() -> str:
+def _epilogue(shift: bool) -> str:
     """The epilogue's 16 steps, unrolled here so each address is a base register plus an immediate: step c
-    takes 8-column groups c and c + 1 (their bias from shared memory), scales, biases, activates, rounds
-    and writes them by one stmatrix.x4 into the swizzled 64 x 64 piece c // 8."""
+    takes 8-column groups c and c + 1 (their bias, and shift if any, from shared memory), shifts, scales,
+    biases, activates, rounds and writes them by one stmatrix.x4 into the swizzled 64 x 64 piece c // 8."""
     steps = []
+    pair = 16 if shift else 8  # bytes a column pair takes in shared memory: (bias, bias[, shift, shift])
     for c in range(0, 32, 2):
+        v = lambda i, col: f"acc[{4 * c + i}] + h{col}" if shift else f"acc[{4 * c + i}]"  # noqa: E731
+        w = lambda i, col: f"acc[{4 * c + i}] + e{col}" if shift else f"acc[{4 * c + i}]"  # noqa: E731
+        loads = (rf"""float c0, c1, d0, d1, h0, h1, e0, e1;
+                asm volatile("ld.shared.v4.f32 {{%0, %1, %2, %3}}, [%8+{4 * pair * c}];\n"
+                             "ld.shared.v4.f32 {{%4, %5, %6, %7}}, [%8+{4 * pair * c + 4 * pair}];\n"
+                             : "=f"(c0), "=f"(c1), "=f"(h0), "=f"(h1), "=f"(d0), "=f"(d1), "=f"(e0), "=f"(e1)
+                             : "r"(bias_at) : "memory");""" if shift else rf"""float c0, c1, d0, d1;
+                asm volatile("ld.shared.v2.f32 {{%0, %1}}, [%4+{4 * pair * c}];\n"
+                             "ld.shared.v2.f32 {{%2, %3}}, [%4+{4 * pair * c + 4 * pair}];\n"
+                             : "=f"(c0), "=f"(c1), "=f"(d0), "=f"(d1) : "r"(bias_at) : "memory");""")
         steps.append(rf"""            {{
-                float c0, c1, d0, d1;
-                asm volatile("ld.shared.v2.f32 {{%0, %1}}, [%4+{32 * c}];\n"
-                             "ld.shared.v2.f32 {{%2, %3}}, [%4+{32 * c + 32}];\n"
-                             : "=f"(c0), "=f"(c1), "=f"(d0), "=f"(d1) : "r"(bias_at) : "memory");
-                unsigned r0 = pack2(act(fmaf(acc[{4 * c}], sc0, c0)), act(fmaf(acc[{4 * c + 1}], sc0, c1)));
-                unsigned r1 = pack2(act(fmaf(acc[{4 * c + 2}], sc1, c0)), act(fmaf(acc[{4 * c + 3}], sc1, c1)));
-                unsigned r2 = pack2(act(fmaf(acc[{4 * c + 4}], sc0, d0)), act(fmaf(acc[{4 * c + 5}], sc0, d1)));
-                unsigned r3 = pack2(act(fmaf(acc[{4 * c + 6}], sc1, d0)), act(fmaf(acc[{4 * c + 7}], sc1, d1)));
+                {loads}
+                unsigned r0 = pack2(act(fmaf({v(0, 0)}, sc0, c0)), act(fmaf({v(1, 1)}, sc0, c1)));
+                unsigned r1 = pack2(act(fmaf({v(2, 0)}, sc1, c0)), act(fmaf({v(3, 1)}, sc1, c1)));
+                unsigned r2 = pack2(act(fmaf({w(4, 0)}, sc0, d0)), act(fmaf({w(5, 1)}, sc0, d1)));
+                unsigned r3 = pack2(act(fmaf({w(6, 0)}, sc1, d0)), act(fmaf({w(7, 1)}, sc1, d1)));
                 asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0+{c // 8 * 8192}], {{%1, %2, %3, %4}};\n"
                              :: "r"(st_at[{c % 8 // 2}]), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
             }}""")
     return "\n".join(steps)
 
 
-def source(dtype: torch.dtype = torch.float16, gelu: bool = False, cluster: int = 2) -> str:
+def source(dtype: torch.dtype = torch.float16, gelu: bool = False, cluster: int = 2, shift: bool = False) -> str:
     kind = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
     return rf"""
 #define BM {BM}
@@ -70,6 +78,7 @@ def source(dtype: torch.dtype = torch.float16, gelu: bool = False, cluster: int 
 #define A_BYTES {BM * BK * 2}
 #define GELU {int(gelu)}
 #define CLUSTER {cluster}
+#define SHIFT {int(shift)}
 #define KIND "{kind}"
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {{
@@ -143,11 +152,11 @@ __device__ __forceinline__ float act(float v) {{
 
 extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1, 1) scaled_gemm(
         const void* map_a, const void* map_b, const void* map_o, const float* row_scale, const float* bias,
-        int m_rows, int n_cols, int k_depth, int has_scale, int has_bias) {{
+        const float* col_shift, int m_rows, int n_cols, int k_depth, int has_scale, int has_bias) {{
     extern __shared__ unsigned char raw_smem[];
     unsigned base = (smem_u32(raw_smem) + 1023) & ~1023u;    // 128-byte swizzled tiles want 1024-byte alignment
     unsigned out_smem = base + STAGES * STAGE_BYTES, bias_smem = out_smem + BM * BN * 2;
-    unsigned full = bias_smem + 2 * BN * 4, empty = full + 8 * STAGES;
+    unsigned full = bias_smem + 2 * BN * 8, empty = full + 8 * STAGES;
     int t = threadIdx.x, warp = t / 32, lane = t % 32;
     unsigned rank = 0;
     if (CLUSTER > 1) asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
@@ -184,19 +193,20 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
         }}
     }} else {{
         int wg = t / 128, w = (t % 128) / 32, it = 0;
-        unsigned staging = out_smem + wg * (BM / 2) * BN * 2, wg_bias = bias_smem + wg * BN * 4;
+        unsigned staging = out_smem + wg * (BM / 2) * BN * 2, wg_bias = bias_smem + wg * BN * 8;
         // stmatrix: lanes 8q..8q+7 address the rows of 8x8 matrix q (rows +8 for odd q, columns +8 for q >= 2)
         int q = lane / 8, st_row = 16 * w + (q & 1) * 8 + lane % 8;
         for (int u = first; u < units; u += step) {{
             int m0 = (u / tiles_n * CLUSTER + rank) * BM, n0 = u % tiles_n * BN;
             // this thread's epilogue operands, fetched while the MMAs run: rows r and r + 8, two bias columns
             int row = m0 + wg * 64 + 16 * w + lane / 4;
-            float sc0 = 1.f, sc1 = 1.f, b0 = 0.f, b1 = 0.f;
+            float sc0 = 1.f, sc1 = 1.f, b0 = 0.f, b1 = 0.f, h0 = 0.f, h1 = 0.f;
             if (has_scale) {{
                 sc0 = row < m_rows ? row_scale[row] : 0.f;
                 sc1 = row + 8 < m_rows ? row_scale[row + 8] : 0.f;
             }}
             if (has_bias) {{ b0 = bias[n0 + 2 * (t % 128)]; b1 = bias[n0 + 2 * (t % 128) + 1]; }}
+            if (SHIFT) {{ h0 = col_shift[n0 + 2 * (t % 128)]; h1 = col_shift[n0 + 2 * (t % 128) + 1]; }}
             float acc[128];
             int s = 0;
             for (int kb = 0; kb < k_steps; ++kb, ++it) {{
@@ -227,14 +237,18 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
             // which the last tile's stores must have read by now; the bias goes through shared memory
             if (t % 128 == 0)
                 asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-            asm volatile("st.shared.v2.f32 [%0], {{%1, %2}};\n" :: "r"(wg_bias + (t % 128) * 8), "f"(b0), "f"(b1) : "memory");
+            if (SHIFT)
+                asm volatile("st.shared.v4.f32 [%0], {{%1, %2, %3, %4}};\n"
+                             :: "r"(wg_bias + (t % 128) * 16), "f"(b0), "f"(b1), "f"(h0), "f"(h1) : "memory");
+            else
+                asm volatile("st.shared.v2.f32 [%0], {{%1, %2}};\n" :: "r"(wg_bias + (t % 128) * 8), "f"(b0), "f"(b1) : "memory");
             asm volatile("bar.sync %0, 128;\n" :: "r"(1 + wg) : "memory");
             // per thread 4 base addresses and immediate offsets (ptxas otherwise keeps 48 addresses live)
-            unsigned bias_at = wg_bias + 8 * (lane % 4), st_at[4];
+            unsigned bias_at = wg_bias + (SHIFT ? 16 : 8) * (lane % 4), st_at[4];
             #pragma unroll
             for (int a = 0; a < 4; ++a)
                 st_at[a] = staging + st_row * 128 + (((2 * a + q / 2) ^ (st_row & 7)) << 4);
-{_epilogue()}
+{_epilogue(shift)}
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // visible to the TMA unit
             asm volatile("bar.sync %0, 128;\n" :: "r"(1 + wg) : "memory");
             if (t % 128 == 0 && m0 + wg * 64 < m_rows) {{     // (a second CTA's row block may lie past M)
@@ -254,8 +268,8 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(dtype: torch.dtype, gelu: bool, cluster: int, device_index: int):
-    return cuda_attention.build(source(dtype, gelu, cluster), "scaled_gemm", SHARED_BYTES, device_index)
+def _kernel(dtype: torch.dtype, gelu: bool, cluster: int, shift: bool, device_index: int):
+    return cuda_attention.build(source(dtype, gelu, cluster, shift), "scaled_gemm", SHARED_BYTES, device_index)
 
 
 @functools.lru_cache(maxsize=None)
@@ -269,7 +283,7 @@ def resident_clusters(cluster: int, device_index: int) -> int:
     class LaunchConfig(ctypes.Structure):
         _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
                     ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p), ("num_attrs", ctypes.c_uint)]
-    kernel = _kernel(torch.float16, False, cluster, device_index)
+    kernel = _kernel(torch.float16, False, cluster, False, device_index)
     config = LaunchConfig((ctypes.c_uint * 3)(sms // cluster * cluster, 1, 1), (ctypes.c_uint * 3)(THREADS, 1, 1),
                           SHARED_BYTES, None, None, 0)
     count = ctypes.c_int(0)
@@ -278,16 +292,17 @@ def resident_clusters(cluster: int, device_index: int) -> int:
     return count.value if not err and count.value > 0 else sms // cluster
 
 
-def scaled_gemm(x, w, bias=None, row_scale=None, gelu=False, out=None, cluster=2):
-    """act(row_scale[:, None] * (x @ w^T) + bias) by the kernel above; bias and row_scale float32."""
+def scaled_gemm(x, w, bias=None, row_scale=None, gelu=False, out=None, cluster=2, shift=None):
+    """act(row_scale[:, None] * (x @ w^T + shift) + bias) by the kernel above; bias, shift (N,) and
+    row_scale (M,) float32. (A LayerNorm fold's shift: W2 s, for a residual stream x + s.)"""
     (m, k), n = x.shape, w.shape[0]
     if not (m and k and n) or k % BK or n % BN or w.shape[1] != k or w.dtype != x.dtype \
             or not (x.is_contiguous() and w.is_contiguous()) or cluster not in CLUSTERS:
         raise ValueError(f"scaled_gemm wants contiguous x (M, K), w (N, K) of one dtype, K % {BK} == 0, N % {BN} == 0"
                          f" and a cluster of {CLUSTERS}")
-    for vector, length in ((bias, n), (row_scale, m)):
+    for vector, length in ((bias, n), (row_scale, m), (shift, n)):
         if vector is not None and (vector.dtype != torch.float32 or vector.shape != (length,) or not vector.is_contiguous()):
-            raise ValueError("scaled_gemm wants bias (N,) and row_scale (M,) contiguous float32")
+            raise ValueError("scaled_gemm wants bias (N,), shift (N,) and row_scale (M,) contiguous float32")
     out = torch.empty(m, n, device=x.device, dtype=x.dtype) if out is None else out
     if out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError("scaled_gemm wants out (M, N) contiguous, of x's dtype")
@@ -296,9 +311,10 @@ def scaled_gemm(x, w, bias=None, row_scale=None, gelu=False, out=None, cluster=2
     dummy = out  # never read where its flag is off
     device_index = x.device.index or 0
     units = -(-m // (cluster * BM)) * (n // BN)
-    _kernel(x.dtype, gelu, cluster, device_index)(
+    _kernel(x.dtype, gelu, cluster, shift is not None, device_index)(
         grid=(min(units, resident_clusters(cluster, device_index)) * cluster, 1, 1), block=(THREADS, 1, 1),
-        args=[*maps, dummy if row_scale is None else row_scale, dummy if bias is None else bias, m, n, k,
+        args=[*maps, dummy if row_scale is None else row_scale, dummy if bias is None else bias,
+              dummy if shift is None else shift, m, n, k,
               int(row_scale is not None), int(bias is not None)], shared_mem=SHARED_BYTES)
     return out
 
@@ -312,8 +328,10 @@ def fold_layer_norm(gamma, beta, w, b):
     return w2.to(w.dtype), (w.double() @ beta.double() + b.double()).float()
 
 
-def reference(x, w, bias=None, row_scale=None, gelu=False):
+def reference(x, w, bias=None, row_scale=None, gelu=False, shift=None):
     y = x.float() @ w.float().t()
+    if shift is not None:
+        y = y + shift
     if row_scale is not None:
         y = y * row_scale[:, None]
     if bias is not None:
@@ -326,30 +344,35 @@ def check():
     ok = True
     g = torch.Generator(device="cuda").manual_seed(0)
     for dtype, cluster in ((torch.float16, 2), (torch.bfloat16, 2), (torch.float16, 1), (torch.bfloat16, 1)):
-        for m, n, k, scaled, biased, gelu in ((392, 2304, 768, True, True, False), (197, 256, 64, False, False, False),
-                                              (1000, 3072, 768, True, True, True), (129, 768, 3072, False, True, False),
-                                              (100, 512, 192, True, True, False),   # a row block past M
-                                              (4100, 3072, 768, True, True, True)):  # 396 tiles: CTAs take several
+        for m, n, k, scaled, biased, gelu, shifted in (
+                (392, 2304, 768, True, True, False, True), (197, 256, 64, False, False, False, False),
+                (1000, 3072, 768, True, True, True, True), (129, 768, 3072, False, True, False, False),
+                (100, 512, 192, True, True, False, False),   # a row block past M
+                (4100, 3072, 768, True, True, True, True)):  # 396 tiles: CTAs take several
             x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
             w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
             bias = torch.randn(n, device="cuda", generator=g) if biased else None
             scale = torch.rand(m, device="cuda", generator=g) * 4 + 0.05 if scaled else None
-            y = scaled_gemm(x, w, bias, scale, gelu, torch.full((m, n), float("nan"), device="cuda", dtype=dtype), cluster)
+            shift = torch.randn(n, device="cuda", generator=g) * 3 if shifted else None
+            y = scaled_gemm(x, w, bias, scale, gelu, torch.full((m, n), float("nan"), device="cuda", dtype=dtype), cluster,
+                            shift)
             torch.cuda.synchronize()  # (NaN-filled: a piece never written fails)
-            ref = reference(x, w, bias, scale, gelu)
-            plain = reference(x, w, bias, scale, gelu).to(dtype).float()  # rounding the output alone
+            ref = reference(x, w, bias, scale, gelu, shift)
+            plain = ref.to(dtype).float()  # rounding the output alone
             err = ((y.float() - ref).norm() / ref.norm()).item()
             floor = ((plain - ref).norm() / ref.norm()).item()
             good = bool(torch.isfinite(y).all()) and err < 4 * floor + 1e-4
             ok = ok and good
-            print(f"{str(dtype)[6:]:8s} cluster {cluster} M {m:5d} N {n:5d} K {k:5d} scale {int(scaled)} bias {int(biased)} gelu {int(gelu)}: "
-                  f"relative error {err:.2e} (output rounding alone {floor:.2e}) {'ok' if good else 'WRONG'}", flush=True)
+            print(f"{str(dtype)[6:]:8s} cluster {cluster} M {m:5d} N {n:5d} K {k:5d} scale {int(scaled)} bias {int(biased)} "
+                  f"gelu {int(gelu)} shift {int(shifted)}: relative error {err:.2e} (output rounding alone {floor:.2e}) "
+                  f"{'ok' if good else 'WRONG'}", flush=True)
     return ok
 
 
 def compare(spec):
-    """qkv (bias) and fc1 (bias + GELU) at MODEL:BATCH: this kernel (with a row scale) beside cuBLASLt's
-    algorithms for the same GEMM without one, short timings, then the fastest of each sustained."""
+    """qkv (bias) and fc1 (bias + GELU) at MODEL:BATCH: this kernel (with a row scale), both cluster sizes,
+    beside cuBLASLt's algorithms and the engine's extra configurations for the same GEMM without one;
+    short timings, then the fastest cuBLAS and ours sustained, in two rounds."""
     from engine.compile import capture_graph, graphed_ms
     from modeling import cublaslt as lt
     from modeling.config import vit_config
@@ -366,6 +389,9 @@ def compare(spec):
         problem = lt.Problem(m, n, k, torch.float16, "gelu_bias" if gelu else "bias")
         runs = {f"cublas lt{i}": (lambda a=a, b=b: lt.run(problem, a, b, x, w, bias16, out))
                 for i, (a, b) in enumerate(lt.algorithms(problem))}
+        for config in lt.extra_configs(problem):   # the engine's plan times these too (fc1's fastest is one)
+            a, b = lt.configured(problem, *config)
+            runs["cublas lt" + ".".join(map(str, config))] = lambda a=a, b=b: lt.run(problem, a, b, x, w, bias16, out)
         ref = reference(x, w, bias, scale, gelu)
         for cluster in CLUSTERS:
             runs[f"ours c{cluster}"] = lambda c=cluster: scaled_gemm(x, w, bias, scale, gelu, out, c)
@@ -378,7 +404,7 @@ def compare(spec):
         flops = 2 * m * n * k
         short = {label: graphed_ms(fn, dev, budget_s=0.15) for label, fn in runs.items()}
         for label, ms in short.items():
-            print(f"{spec} {site} {label:12s} {ms * 1e3:8.1f} us short, {flops / ms / 1e9:6.0f} TFLOP/s", flush=True)
+            print(f"{spec} {site} {label:20s} {ms * 1e3:8.1f} us short, {flops / ms / 1e9:6.0f} TFLOP/s", flush=True)
         best = min((ms, label) for label, ms in short.items() if not label.startswith("ours"))[1]
         for round_ in range(2):
             for label in (best, *(f"ours c{cluster}" for cluster in CLUSTERS)):
