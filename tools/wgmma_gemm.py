@@ -108,7 +108,7 @@ __device__ __forceinline__ void release_stage(unsigned bar) {{
     #pragma unroll
     for (unsigned cta = 0; cta < CLUSTER; ++cta)
         asm volatile("{{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-                     "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}}\n"
+                     "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}}\n"
                      :: "r"(bar), "r"(cta) : "memory");
 }}
 
@@ -232,6 +232,9 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
                 }}
             }}
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            #pragma unroll
+            for (int i = 0; i < 128; ++i)                    // no epilogue arithmetic moves above the wait
+                asm volatile("" : "+f"(acc[i]) :: "memory");
             if (t % 128 == 0) release_stage(empty + 8 * s);
             // epilogue: this warpgroup's 64 x 256 through its staging buffer (four 64 x 64 swizzled pieces),
             // which the last tile's stores must have read by now; the bias goes through shared memory
@@ -287,7 +290,7 @@ def resident_clusters(cluster: int, device_index: int) -> int:
     config = LaunchConfig((ctypes.c_uint * 3)(sms // cluster * cluster, 1, 1), (ctypes.c_uint * 3)(THREADS, 1, 1),
                           SHARED_BYTES, None, None, 0)
     count = ctypes.c_int(0)
-    err = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveClusters(ctypes.byref(count), ctypes.c_void_p(kernel.func),
+    err = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveClusters(ctypes.byref(count), kernel.func,
                                                                    ctypes.byref(config))
     return count.value if not err and count.value > 0 else sms // cluster
 
