@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import fold_whatif  # noqa: E402
 
 
-def _gemm(x, w, bias=None, row_scale=None, gelu=False, out=None, cluster=2, shift=None):
+def _gemm(x, w, bias=None, row_scale=None, gelu=False, out=None, cluster=2, shift=None, schedule="coop"):
     y = fold_whatif.wg.reference(x, w, bias, row_scale, gelu, shift)
     return y.to(x.dtype) if out is None else out.copy_(y)
 

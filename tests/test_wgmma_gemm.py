@@ -44,9 +44,10 @@ def _sass(binary):
     return done.stdout
 
 
-@pytest.mark.parametrize("dtype,gelu,cluster", [(torch.float16, False, 2), (torch.bfloat16, True, 2),
-                                                (torch.float16, True, 1)])
-def test_wgmma_gemm_builds_without_spills(dtype, gelu, cluster):
+@pytest.mark.parametrize("dtype,gelu,cluster,schedule", [(torch.float16, False, 2, "coop"), (torch.bfloat16, True, 2, "coop"),
+                                                         (torch.float16, True, 1, "coop"),
+                                                         (torch.float16, True, 4, "pingpong")])
+def test_wgmma_gemm_builds_without_spills(dtype, gelu, cluster, schedule):
     """Four m64n256k16 MMAs a K step, asynchronous (one wait allowing a group in flight), no local
     memory (128 accumulators a thread stay in registers), the epilogue in 16 stmatrix.x4, and the weight
     tile multicast to the cluster only where there is one."""
@@ -55,7 +56,7 @@ def test_wgmma_gemm_builds_without_spills(dtype, gelu, cluster):
         _nvrtc_compile('extern "C" __global__ void probe() {}', "probe", "90a")
     except (ImportError, OSError, RuntimeError) as err:
         pytest.skip(f"no NVRTC here: {err}")
-    code = wgmma_gemm.source(dtype, gelu, cluster)
+    code = wgmma_gemm.source(dtype, gelu, cluster, gelu, schedule)
     binary, name = _nvrtc_compile(code, "scaled_gemm", "90a", None, ["--use_fast_math"])
     sass = _sass(binary)
     assert sass.count("HGMMA.64x256x16.F32") == 4
@@ -63,7 +64,7 @@ def test_wgmma_gemm_builds_without_spills(dtype, gelu, cluster):
     assert "STL" not in sass and "LDL" not in sass
     assert sass.count("STSM.16.M88.4") == 16
     assert ("MULTICAST" in sass) == (cluster > 1)
-    assert wgmma_gemm.SHARED_BYTES <= 227 * 1024
+    assert wgmma_gemm.SHARED_BYTES <= 227 * 1024 and wgmma_gemm.shared_bytes(schedule) <= wgmma_gemm.SHARED_BYTES
     with pytest.raises(RuntimeError):  # a broken source fails (the check above can fail)
         _nvrtc_compile(code.replace("wgmma.fence", "wgmma.fencex"), "scaled_gemm", "90a", None, ["--use_fast_math"])
 
@@ -73,7 +74,7 @@ def test_wgmma_gemm_refuses_what_it_cannot_run():
     for bad in (dict(w=torch.zeros(256, 96, dtype=torch.float16)), dict(x=torch.zeros(5, 96, dtype=torch.float16)),
                 dict(w=torch.zeros(200, 64, dtype=torch.float16)), dict(w=w.bfloat16()), dict(x=torch.zeros(0, 64)),
                 dict(bias=torch.zeros(256, dtype=torch.float16)), dict(row_scale=torch.zeros(4)),
-                dict(out=torch.zeros(5, 256)), dict(cluster=4)):
+                dict(out=torch.zeros(5, 256)), dict(cluster=3), dict(schedule="split")):
         args = dict(x=x, w=w) | bad
         with pytest.raises(ValueError, match="scaled_gemm wants"):
             wgmma_gemm.scaled_gemm(**args)

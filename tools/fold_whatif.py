@@ -9,8 +9,11 @@ plan's forward, sustained at the power cap in alternation with the plan itself: 
 cuBLAS at qkv or fc1 (what the swap alone costs), then norm1, norm2 and both folded. Unlike the other
 what-ifs these forwards are meant to be right: each one's logits are compared with the plan's.
 
-    python3 tools/fold_whatif.py MODEL:BATCH [ROUNDS]
+    [WGMMA_VARIANT=SCHEDULE:CLUSTER] python3 tools/fold_whatif.py MODEL:BATCH [ROUNDS]
+
+(our GEMM's variant: default coop:2; `tools/wgmma_gemm.py` prints the one with the least energy.)
 """
+import os
 from contextlib import nullcontext
 from functools import partial
 from unittest import mock
@@ -23,6 +26,9 @@ import modeling  # noqa: F401
 from modeling import ops, vision_transformer as vt
 from power_probe import whatif_cli, whatif_forwards
 import wgmma_gemm as wg
+
+SCHEDULE, CLUSTER = os.environ.get("WGMMA_VARIANT", "coop:2").split(":")
+OURS = dict(cluster=int(CLUSTER), schedule=SCHEDULE)
 
 
 @triton.jit
@@ -57,10 +63,10 @@ def block_forward(fold1, fold2, swap_qkv, swap_fc1, folds, rstd):
         wide = vt._slot(arena, "wide", 3 * inner)
         if fold1:
             row_rstd(x, self.norm1.shift, rstd, self.norm1.eps)
-            qkv = wg.scaled_gemm(x, *f["qkv"][:2], rstd, False, wide, shift=f["qkv"][2])
+            qkv = wg.scaled_gemm(x, *f["qkv"][:2], rstd, False, wide, shift=f["qkv"][2], **OURS)
         else:
             normed = self.norm1(x, plan, out=vt._slot(arena, "narrow", d))
-            qkv = wg.scaled_gemm(normed, self.qkv.weight, f["qkv bias"], out=wide) if swap_qkv \
+            qkv = wg.scaled_gemm(normed, self.qkv.weight, f["qkv bias"], out=wide, **OURS) if swap_qkv \
                 else self.qkv(normed, plan, out=wide)
         attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile,
                              out=vt._slot(arena, "narrow", inner))
@@ -68,10 +74,10 @@ def block_forward(fold1, fold2, swap_qkv, swap_fc1, folds, rstd):
         wide = vt._slot(arena, "wide", self.fc1.weight.shape[0])
         if fold2:
             row_rstd(x, self.norm2.shift, rstd, self.norm2.eps)
-            hidden = wg.scaled_gemm(x, *f["fc1"][:2], rstd, True, wide, shift=f["fc1"][2])
+            hidden = wg.scaled_gemm(x, *f["fc1"][:2], rstd, True, wide, shift=f["fc1"][2], **OURS)
         else:
             normed = self.norm2(x, plan, out=vt._slot(arena, "narrow", d))
-            hidden = wg.scaled_gemm(normed, self.fc1.weight, f["fc1 bias"], None, True, wide) if swap_fc1 \
+            hidden = wg.scaled_gemm(normed, self.fc1.weight, f["fc1 bias"], None, True, wide, **OURS) if swap_fc1 \
                 else self.fc1(normed, plan, out=wide)
         return self.fc2(hidden, plan, residual=x)
     return forward
@@ -84,6 +90,7 @@ VARIANTS = [("qkv by our GEMM", False, False, True, False), ("fc1 by our GEMM", 
 
 def main(spec, rounds=3):
     def variants(model, plan, images, arena):
+        print(f"our GEMM: {SCHEDULE}, cluster {CLUSTER}", flush=True)
         if plan.mlp_act != "epilogue" and any(v[2] or v[4] for v in VARIANTS):
             print(f"note: the plan's fc1 GELU is {plan.mlp_act!r}; ours is GELU(tanh) in the epilogue", flush=True)
         rstd = torch.empty(arena.rows, device=images.device, dtype=torch.float32)

@@ -22,6 +22,8 @@ K must be a multiple of 64 and N of 256; rows past M are read as zeros and not w
 """
 import ctypes
 import functools
+import itertools
+import statistics
 import sys
 
 import torch
@@ -31,11 +33,26 @@ from modeling import cuda_attention
 
 BM, BN, BK, STAGES = 128, 256, 64, 3
 THREADS = 288                       # two consumer warpgroups and one producer warp
-STAGE_BYTES = (BM + BN) * BK * 2
-OUT_BYTES = BM * BN * 2             # the whole output tile, staged for its TMA stores
+OUT_BYTES = BM * BN * 2             # 64 x 256 output staged per warpgroup for its TMA stores
 BIAS_BYTES = 2 * BN * 8             # the tile's bias and shift, one copy per consumer warpgroup
-SHARED_BYTES = 1024 + STAGES * STAGE_BYTES + OUT_BYTES + BIAS_BYTES + 2 * STAGES * 8
-CLUSTERS = (1, 2)                   # CTAs a cluster: 2 shares each weight tile between two row blocks
+CLUSTERS = (1, 2, 4)                # CTAs a cluster: each shares the weight tile with the others' row blocks
+SCHEDULES = ("coop", "pingpong")    # both warpgroups on one 128-row unit, or each on its own 64-row units
+
+
+def unit_rows(schedule: str) -> int:
+    return BM if schedule == "coop" else BM // 2
+
+
+def stage_bytes(schedule: str) -> int:
+    return (unit_rows(schedule) + BN) * BK * 2
+
+
+def shared_bytes(schedule: str) -> int:
+    return 1024 + STAGES * stage_bytes(schedule) + OUT_BYTES + BIAS_BYTES + 2 * STAGES * 8
+
+
+SHARED_BYTES = max(shared_bytes(s) for s in SCHEDULES)
+VARIANTS = (("coop", 1), ("coop", 2), ("coop", 4), ("pingpong", 2), ("pingpong", 4))  # what check and compare run
 
 
 def _epilogue(shift: bool) -> str:
@@ -67,15 +84,18 @@ def _epilogue(shift: bool) -> str:
     return "\n".join(steps)
 
 
-def source(dtype: torch.dtype = torch.float16, gelu: bool = False, cluster: int = 2, shift: bool = False) -> str:
+def source(dtype: torch.dtype = torch.float16, gelu: bool = False, cluster: int = 2, shift: bool = False,
+           schedule: str = "coop") -> str:
     kind = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
     return rf"""
-#define BM {BM}
+#define UNIT_ROWS {unit_rows(schedule)}
+#define PINGPONG {int(schedule == "pingpong")}
+#define OUT_BYTES {OUT_BYTES}
 #define BN {BN}
 #define BK {BK}
 #define STAGES {STAGES}
-#define STAGE_BYTES {STAGE_BYTES}
-#define A_BYTES {BM * BK * 2}
+#define STAGE_BYTES {stage_bytes(schedule)}
+#define A_BYTES {unit_rows(schedule) * BK * 2}
 #define GELU {int(gelu)}
 #define CLUSTER {cluster}
 #define SHIFT {int(shift)}
@@ -155,18 +175,20 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
         const float* col_shift, int m_rows, int n_cols, int k_depth, int has_scale, int has_bias) {{
     extern __shared__ unsigned char raw_smem[];
     unsigned base = (smem_u32(raw_smem) + 1023) & ~1023u;    // 128-byte swizzled tiles want 1024-byte alignment
-    unsigned out_smem = base + STAGES * STAGE_BYTES, bias_smem = out_smem + BM * BN * 2;
+    unsigned out_smem = base + STAGES * STAGE_BYTES, bias_smem = out_smem + OUT_BYTES;
     unsigned full = bias_smem + 2 * BN * 8, empty = full + 8 * STAGES;
     int t = threadIdx.x, warp = t / 32, lane = t % 32;
     unsigned rank = 0;
     if (CLUSTER > 1) asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-    // work units: CLUSTER row blocks (one per CTA of the cluster) by one 256-column block, n fastest
-    int tiles_n = n_cols / BN, units = (m_rows + CLUSTER * BM - 1) / (CLUSTER * BM) * tiles_n, k_steps = k_depth / BK;
+    // work units: CLUSTER row blocks of UNIT_ROWS (one per CTA of the cluster) by one 256-column block, n fastest
+    int tiles_n = n_cols / BN, units = (m_rows + CLUSTER * UNIT_ROWS - 1) / (CLUSTER * UNIT_ROWS) * tiles_n;
+    int k_steps = k_depth / BK;
     int first = blockIdx.x / CLUSTER, step = gridDim.x / CLUSTER;
     if (t == 0) {{
         for (int s = 0; s < STAGES; ++s) {{
             asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(full + 8 * s) : "memory");
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(empty + 8 * s), "r"(2 * CLUSTER) : "memory");
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(empty + 8 * s), "r"((PINGPONG ? 1 : 2) * CLUSTER)
+                         : "memory");                 // each stage's readers: its warpgroup(s), in every CTA
         }}
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }}
@@ -175,7 +197,7 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
         if (lane == 0) {{
             int it = 0;
             for (int u = first; u < units; u += step) {{
-                int m0 = (u / tiles_n * CLUSTER + rank) * BM, n0 = u % tiles_n * BN;
+                int m0 = (u / tiles_n * CLUSTER + rank) * UNIT_ROWS, n0 = u % tiles_n * BN;
                 for (int kb = 0; kb < k_steps; ++kb, ++it) {{
                     int s = it % STAGES;
                     unsigned stage = base + s * STAGE_BYTES;
@@ -192,14 +214,17 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
             }}
         }}
     }} else {{
-        int wg = t / 128, w = (t % 128) / 32, it = 0;
-        unsigned staging = out_smem + wg * (BM / 2) * BN * 2, wg_bias = bias_smem + wg * BN * 8;
+        int wg = t / 128, w = (t % 128) / 32;
+        unsigned staging = out_smem + wg * 64 * BN * 2, wg_bias = bias_smem + wg * BN * 8;
         // stmatrix: lanes 8q..8q+7 address the rows of 8x8 matrix q (rows +8 for odd q, columns +8 for q >= 2)
         int q = lane / 8, st_row = 16 * w + (q & 1) * 8 + lane % 8;
-        for (int u = first; u < units; u += step) {{
-            int m0 = (u / tiles_n * CLUSTER + rank) * BM, n0 = u % tiles_n * BN;
+        // coop: both warpgroups take every unit of this CTA (rows 0-63 and 64-127 of it); pingpong: each takes
+        // every other unit whole (64 rows), so one's epilogue runs while the other's MMAs do
+        for (int j = PINGPONG ? wg : 0; first + j * step < units; j += PINGPONG ? 2 : 1) {{
+            int u = first + j * step, n0 = u % tiles_n * BN;
+            int rows0 = (u / tiles_n * CLUSTER + rank) * UNIT_ROWS + (PINGPONG ? 0 : wg * 64);
             // this thread's epilogue operands, fetched while the MMAs run: rows r and r + 8, two bias columns
-            int row = m0 + wg * 64 + 16 * w + lane / 4;
+            int row = rows0 + 16 * w + lane / 4;
             float sc0 = 1.f, sc1 = 1.f, b0 = 0.f, b1 = 0.f, h0 = 0.f, h1 = 0.f;
             if (has_scale) {{
                 sc0 = row < m_rows ? row_scale[row] : 0.f;
@@ -209,14 +234,15 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
             if (SHIFT) {{ h0 = col_shift[n0 + 2 * (t % 128)]; h1 = col_shift[n0 + 2 * (t % 128) + 1]; }}
             float acc[128];
             int s = 0;
-            for (int kb = 0; kb < k_steps; ++kb, ++it) {{
+            for (int kb = 0; kb < k_steps; ++kb) {{
+                int it = j * k_steps + kb;                   // the producer's count of this stage load
                 s = it % STAGES;
                 unsigned stage = base + s * STAGE_BYTES;
                 wait_phase(full + 8 * s, (it / STAGES) & 1);
                 asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
                 #pragma unroll
                 for (int k = 0; k < 4; ++k) {{
-                    unsigned long long da = desc_sw128(stage + wg * 8192 + 32 * k);
+                    unsigned long long da = desc_sw128(stage + (PINGPONG ? 0 : wg * 8192) + 32 * k);
                     unsigned long long db = desc_sw128(stage + A_BYTES + 32 * k);
                     asm volatile(
                         "{{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
@@ -254,10 +280,10 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
 {_epilogue(shift)}
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // visible to the TMA unit
             asm volatile("bar.sync %0, 128;\n" :: "r"(1 + wg) : "memory");
-            if (t % 128 == 0 && m0 + wg * 64 < m_rows) {{     // (a second CTA's row block may lie past M)
+            if (t % 128 == 0 && rows0 < m_rows) {{            // (a later CTA's row block may lie past M)
                 #pragma unroll
-                for (int j = 0; j < 4; ++j)
-                    tma_store(map_o, staging + j * 8192, n0 + 64 * j, m0 + wg * 64);
+                for (int piece = 0; piece < 4; ++piece)
+                    tma_store(map_o, staging + piece * 8192, n0 + 64 * piece, rows0);
                 asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
             }}
         }}
@@ -271,12 +297,13 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(dtype: torch.dtype, gelu: bool, cluster: int, shift: bool, device_index: int):
-    return cuda_attention.build(source(dtype, gelu, cluster, shift), "scaled_gemm", SHARED_BYTES, device_index)
+def _kernel(dtype: torch.dtype, gelu: bool, cluster: int, shift: bool, schedule: str, device_index: int):
+    return cuda_attention.build(source(dtype, gelu, cluster, shift, schedule), "scaled_gemm", shared_bytes(schedule),
+                                device_index)
 
 
 @functools.lru_cache(maxsize=None)
-def resident_clusters(cluster: int, device_index: int) -> int:
+def resident_clusters(cluster: int, schedule: str, device_index: int) -> int:
     """How many clusters of this kernel the GPU holds at once (a persistent grid larger than that would
     run a second, near-empty wave): cuOccupancyMaxActiveClusters, else every SM's share."""
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -286,39 +313,40 @@ def resident_clusters(cluster: int, device_index: int) -> int:
     class LaunchConfig(ctypes.Structure):
         _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
                     ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p), ("num_attrs", ctypes.c_uint)]
-    kernel = _kernel(torch.float16, False, cluster, False, device_index)
+    kernel = _kernel(torch.float16, False, cluster, False, schedule, device_index)
     config = LaunchConfig((ctypes.c_uint * 3)(sms // cluster * cluster, 1, 1), (ctypes.c_uint * 3)(THREADS, 1, 1),
-                          SHARED_BYTES, None, None, 0)
+                          shared_bytes(schedule), None, None, 0)
     count = ctypes.c_int(0)
     err = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveClusters(ctypes.byref(count), kernel.func,
                                                                    ctypes.byref(config))
     return count.value if not err and count.value > 0 else sms // cluster
 
 
-def scaled_gemm(x, w, bias=None, row_scale=None, gelu=False, out=None, cluster=2, shift=None):
+def scaled_gemm(x, w, bias=None, row_scale=None, gelu=False, out=None, cluster=2, shift=None, schedule="coop"):
     """act(row_scale[:, None] * (x @ w^T + shift) + bias) by the kernel above; bias, shift (N,) and
     row_scale (M,) float32. (A LayerNorm fold's shift: W2 s, for a residual stream x + s.)"""
     (m, k), n = x.shape, w.shape[0]
     if not (m and k and n) or k % BK or n % BN or w.shape[1] != k or w.dtype != x.dtype \
-            or not (x.is_contiguous() and w.is_contiguous()) or cluster not in CLUSTERS:
-        raise ValueError(f"scaled_gemm wants contiguous x (M, K), w (N, K) of one dtype, K % {BK} == 0, N % {BN} == 0"
-                         f" and a cluster of {CLUSTERS}")
+            or not (x.is_contiguous() and w.is_contiguous()) or cluster not in CLUSTERS or schedule not in SCHEDULES:
+        raise ValueError(f"scaled_gemm wants contiguous x (M, K), w (N, K) of one dtype, K % {BK} == 0, N % {BN} == 0,"
+                         f" a cluster of {CLUSTERS} and a schedule of {SCHEDULES}")
     for vector, length in ((bias, n), (row_scale, m), (shift, n)):
         if vector is not None and (vector.dtype != torch.float32 or vector.shape != (length,) or not vector.is_contiguous()):
             raise ValueError("scaled_gemm wants bias (N,), shift (N,) and row_scale (M,) contiguous float32")
     out = torch.empty(m, n, device=x.device, dtype=x.dtype) if out is None else out
     if out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError("scaled_gemm wants out (M, N) contiguous, of x's dtype")
-    maps = (cuda_attention._tensor_map(x.view(1, m, k), BM), cuda_attention._tensor_map(w.view(1, n, k), BN // cluster),
+    maps = (cuda_attention._tensor_map(x.view(1, m, k), unit_rows(schedule)),
+            cuda_attention._tensor_map(w.view(1, n, k), BN // cluster),
             cuda_attention._tensor_map(out.view(1, m, n), 64))
     dummy = out  # never read where its flag is off
     device_index = x.device.index or 0
-    units = -(-m // (cluster * BM)) * (n // BN)
-    _kernel(x.dtype, gelu, cluster, shift is not None, device_index)(
-        grid=(min(units, resident_clusters(cluster, device_index)) * cluster, 1, 1), block=(THREADS, 1, 1),
+    units = -(-m // (cluster * unit_rows(schedule))) * (n // BN)
+    _kernel(x.dtype, gelu, cluster, shift is not None, schedule, device_index)(
+        grid=(min(units, resident_clusters(cluster, schedule, device_index)) * cluster, 1, 1), block=(THREADS, 1, 1),
         args=[*maps, dummy if row_scale is None else row_scale, dummy if bias is None else bias,
               dummy if shift is None else shift, m, n, k,
-              int(row_scale is not None), int(bias is not None)], shared_mem=SHARED_BYTES)
+              int(row_scale is not None), int(bias is not None)], shared_mem=shared_bytes(schedule))
     return out
 
 
@@ -346,7 +374,7 @@ def check():
     """Relative errors against float32 at odd row counts, both dtypes, with and without each part."""
     ok = True
     g = torch.Generator(device="cuda").manual_seed(0)
-    for dtype, cluster in ((torch.float16, 2), (torch.bfloat16, 2), (torch.float16, 1), (torch.bfloat16, 1)):
+    for (schedule, cluster), dtype in itertools.product(VARIANTS, (torch.float16, torch.bfloat16)):
         for m, n, k, scaled, biased, gelu, shifted in (
                 (392, 2304, 768, True, True, False, True), (197, 256, 64, False, False, False, False),
                 (1000, 3072, 768, True, True, True, True), (129, 768, 3072, False, True, False, False),
@@ -358,7 +386,7 @@ def check():
             scale = torch.rand(m, device="cuda", generator=g) * 4 + 0.05 if scaled else None
             shift = torch.randn(n, device="cuda", generator=g) * 3 if shifted else None
             y = scaled_gemm(x, w, bias, scale, gelu, torch.full((m, n), float("nan"), device="cuda", dtype=dtype), cluster,
-                            shift)
+                            shift, schedule)
             torch.cuda.synchronize()  # (NaN-filled: a piece never written fails)
             ref = reference(x, w, bias, scale, gelu, shift)
             plain = ref.to(dtype).float()  # rounding the output alone
@@ -366,7 +394,7 @@ def check():
             floor = ((plain - ref).norm() / ref.norm()).item()
             good = bool(torch.isfinite(y).all()) and err < 4 * floor + 1e-4
             ok = ok and good
-            print(f"{str(dtype)[6:]:8s} cluster {cluster} M {m:5d} N {n:5d} K {k:5d} scale {int(scaled)} bias {int(biased)} "
+            print(f"{str(dtype)[6:]:8s} {schedule:8s} cluster {cluster} M {m:5d} N {n:5d} K {k:5d} scale {int(scaled)} bias {int(biased)} "
                   f"gelu {int(gelu)} shift {int(shifted)}: relative error {err:.2e} (output rounding alone {floor:.2e}) "
                   f"{'ok' if good else 'WRONG'}", flush=True)
     return ok
@@ -384,6 +412,7 @@ def compare(spec):
     cfg = vit_config(name, "ait")
     m, k, dev = int(batch) * cfg.seq_len, cfg.embed_dim, torch.device("cuda")
     nvml = Nvml(torch.cuda.current_device())
+    energy = {}  # label -> site -> joules per GEMM, each round
     for site, n, gelu in (("qkv", 3 * cfg.embed_dim, False), ("fc1", cfg.mlp_hidden, True)):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         w = (torch.randn(n, k, device="cuda") / k ** 0.5).half()
@@ -396,23 +425,32 @@ def compare(spec):
             a, b = lt.configured(problem, *config)
             runs["cublas lt" + ".".join(map(str, config))] = lambda a=a, b=b: lt.run(problem, a, b, x, w, bias16, out)
         ref = reference(x, w, bias, scale, gelu)
-        for cluster in CLUSTERS:
-            runs[f"ours c{cluster}"] = lambda c=cluster: scaled_gemm(x, w, bias, scale, gelu, out, c)
+        for schedule, cluster in VARIANTS:
+            label = f"ours {schedule} c{cluster}"
+            runs[label] = lambda c=cluster, sc=schedule: scaled_gemm(x, w, bias, scale, gelu, out, c, schedule=sc)
             out.fill_(float("nan"))
-            runs[f"ours c{cluster}"]()  # (the tensor maps are made outside capture)
+            runs[label]()  # (the tensor maps are made outside capture)
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            print(f"{spec} {site} ours c{cluster}: relative error {err:.2e} against float32, "
-                  f"{resident_clusters(cluster, dev.index or 0)} clusters resident", flush=True)
+            print(f"{spec} {site} {label}: relative error {err:.2e} against float32, "
+                  f"{resident_clusters(cluster, schedule, dev.index or 0)} clusters resident", flush=True)
         del ref
         flops = 2 * m * n * k
         short = {label: graphed_ms(fn, dev, budget_s=0.15) for label, fn in runs.items()}
         for label, ms in short.items():
             print(f"{spec} {site} {label:20s} {ms * 1e3:8.1f} us short, {flops / ms / 1e9:6.0f} TFLOP/s", flush=True)
         best = min((ms, label) for label, ms in short.items() if not label.startswith("ours"))[1]
+        ours = [label for label in runs if label.startswith("ours")]
         for round_ in range(2):
-            for label in (best, *(f"ours c{cluster}" for cluster in CLUSTERS)):
+            for label in (best, *ours):
                 graph, _ = capture_graph(lambda: [runs[label]() for _ in range(10)])
-                sustain(nvml, graph.replay, 10, f"{site} {label} round {round_ + 1}")
+                row = sustain(nvml, graph.replay, 10, f"{site} {label} round {round_ + 1}")
+                energy.setdefault(label if label in ours else "cublas", {}).setdefault(site, []).append(row["j"])
+    # the variant with the least energy over both sites (each site's median), for tools/fold_whatif.py
+    total = {label: sum(statistics.median(js) for js in sites.values()) for label, sites in energy.items()}
+    for label, joules in sorted(total.items(), key=lambda kv: kv[1]):
+        print(f"{spec} qkv + fc1 {label:20s} {joules * 1e3:8.2f} mJ ({joules / total['cublas']:.3f} of cuBLAS)", flush=True)
+    schedule, cluster = min((j, label) for label, j in total.items() if label != "cublas")[1].split()[1:]
+    print(f"best variant {schedule}:{cluster[1:]}", flush=True)
 
 
 def main(argv):
