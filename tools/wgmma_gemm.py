@@ -48,7 +48,7 @@ def stage_bytes(schedule: str) -> int:
 
 
 def shared_bytes(schedule: str) -> int:
-    return 1024 + STAGES * stage_bytes(schedule) + OUT_BYTES + BIAS_BYTES + 2 * STAGES * 8
+    return 1024 + STAGES * stage_bytes(schedule) + OUT_BYTES + BIAS_BYTES + 2 * STAGES * 8 + 2 * 8
 
 
 SHARED_BYTES = max(shared_bytes(s) for s in SCHEDULES)
@@ -176,7 +176,7 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
     extern __shared__ unsigned char raw_smem[];
     unsigned base = (smem_u32(raw_smem) + 1023) & ~1023u;    // 128-byte swizzled tiles want 1024-byte alignment
     unsigned out_smem = base + STAGES * STAGE_BYTES, bias_smem = out_smem + OUT_BYTES;
-    unsigned full = bias_smem + 2 * BN * 8, empty = full + 8 * STAGES;
+    unsigned full = bias_smem + 2 * BN * 8, empty = full + 8 * STAGES, turn = empty + 8 * STAGES;
     int t = threadIdx.x, warp = t / 32, lane = t % 32;
     unsigned rank = 0;
     if (CLUSTER > 1) asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
@@ -190,6 +190,8 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
             asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(empty + 8 * s), "r"((PINGPONG ? 1 : 2) * CLUSTER)
                          : "memory");                 // each stage's readers: its warpgroup(s), in every CTA
         }}
+        for (int g = 0; g < 2; ++g)                          // pingpong: warpgroup g's units whose loads it has seen
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(turn + 8 * g) : "memory");
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }}
     cluster_sync();                                          // every barrier of the cluster made before any use
@@ -234,6 +236,9 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
             if (SHIFT) {{ h0 = col_shift[n0 + 2 * (t % 128)]; h1 = col_shift[n0 + 2 * (t % 128) + 1]; }}
             float acc[128];
             int s = 0;
+            // pingpong: the other warpgroup's unit j - 1 first, all its stages seen: only then is every stage's
+            // barrier at most one phase behind this unit's loads (a parity wait further ahead would pass early)
+            if (PINGPONG && j > 0) wait_phase(turn + 8 * (1 - wg), ((j - 1) / 2) & 1);
             for (int kb = 0; kb < k_steps; ++kb) {{
                 int it = j * k_steps + kb;                   // the producer's count of this stage load
                 s = it % STAGES;
@@ -257,6 +262,8 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
                     if (t % 128 == 0) release_stage(empty + 8 * ((it - 1) % STAGES));
                 }}
             }}
+            if (PINGPONG && t % 128 == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(turn + 8 * wg)
+                                                       : "memory");
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             #pragma unroll
             for (int i = 0; i < 128; ++i)                    // no epilogue arithmetic moves above the wait
