@@ -52,7 +52,7 @@ def shared_bytes(schedule: str) -> int:
 
 
 SHARED_BYTES = max(shared_bytes(s) for s in SCHEDULES)
-VARIANTS = (("coop", 1), ("coop", 2), ("coop", 4), ("pingpong", 2), ("pingpong", 4))  # what check and compare run
+VARIANTS = (("coop", 1), ("coop", 2), ("coop", 4), ("pingpong", 1), ("pingpong", 2), ("pingpong", 4))  # what check and compare run
 
 
 def _epilogue(shift: bool) -> str:
@@ -191,7 +191,7 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
                          : "memory");                 // each stage's readers: its warpgroup(s), in every CTA
         }}
         for (int g = 0; g < 2; ++g)                          // pingpong: warpgroup g's units whose loads it has seen
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(turn + 8 * g) : "memory");
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 4;\n" :: "r"(turn + 8 * g) : "memory");  // its 4 warps
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }}
     cluster_sync();                                          // every barrier of the cluster made before any use
@@ -262,8 +262,10 @@ extern "C" __global__ void __launch_bounds__(288, 1) __cluster_dims__(CLUSTER, 1
                     if (t % 128 == 0) release_stage(empty + 8 * ((it - 1) % STAGES));
                 }}
             }}
-            if (PINGPONG && t % 128 == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(turn + 8 * wg)
-                                                       : "memory");
+            if (PINGPONG) {{                                 // each warp once past its own waits (a lagging warp
+                __syncwarp();                                // must not miss a phase of the other's turn)
+                if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(turn + 8 * wg) : "memory");
+            }}
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             #pragma unroll
             for (int i = 0; i < 128; ++i)                    // no epilogue arithmetic moves above the wait
