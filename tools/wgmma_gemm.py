@@ -459,9 +459,11 @@ def compare(spec):
     total = {label: sum(statistics.median(js) for js in sites.values()) for label, sites in energy.items()
              if len(sites) == 2}  # (sustained at both sites)
     for label, joules in sorted(total.items(), key=lambda kv: kv[1]):
-        print(f"{spec} qkv + fc1 {label:20s} {joules * 1e3:8.2f} mJ ({joules / total['cublas']:.3f} of cuBLAS)", flush=True)
-    schedule, cluster = min((j, label) for label, j in total.items() if label != "cublas")[1].split()[1:]
-    print(f"best variant {schedule}:{cluster[1:]}", flush=True)
+        print(f"{spec} qkv + fc1 {label:22s} {joules * 1e3:8.2f} mJ ({joules / total['cublas']:.3f} of cuBLAS)", flush=True)
+    mine = [(j, label) for label, j in total.items() if label != "cublas"]
+    if mine:
+        schedule, cluster = min(mine)[1].split()[1:]
+        print(f"best variant {schedule}:{cluster[1:]}", flush=True)
 
 
 def main(argv):
