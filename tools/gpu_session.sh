@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU self-checks, verification, engine sweep, baselines, profiles.
 # Usage: tools/gpu_session.sh STEP...   (steps: env selftest verify bench_b bench_l pt profile clocks picks cold ab tiles power
-#                                        attention beside)
+#                                        attention beside fold)
 # cold times MODEL:BATCH[:DTYPE] specs from COLD_SIZES (default: both models at batch 1 and 256).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
@@ -32,6 +32,13 @@ for step in "$@"; do
       python3 tools/power_probe.py forward ${POWER_SIZES:-vit_base_patch16_224:256 vit_base_patch16_224:256:bfloat16}
       python3 tools/power_probe.py sites ${POWER_SITES:-vit_base_patch16_224:256};;
     clocks) log clocks; python3 tools/graph_vs_eager.py vit_base_patch16_224 256;;
+    fold) log "fold: our GEMM's variants checked and timed beside cuBLAS, then LayerNorm folded into qkv/fc1 by its best in whole forwards"
+      timeout -s KILL 200 python3 tools/wgmma_gemm.py ${FOLD_SIZE:-vit_base_patch16_224:256} > "$OUT/wgmma-gemm.log" 2>&1
+      echo "wgmma_gemm exit $?"; grep -v " ok$" "$OUT/wgmma-gemm.log" | tail -60
+      best=$(grep '^best variant' "$OUT/wgmma-gemm.log" | awk '{print $3}')
+      WGMMA_VARIANT=${best:-coop:2} timeout -s KILL 200 python3 tools/fold_whatif.py ${FOLD_SIZE:-vit_base_patch16_224:256} 3 \
+        > "$OUT/fold-whatif.log" 2>&1
+      echo "fold_whatif exit $?"; grep -v "^  round\|Warn" "$OUT/fold-whatif.log" | tail -25;;
     attention) log "attention: the CUDA kernel's numbers, registers and times beside cuDNN and Triton, then its parts alone"
       python3 tools/cuda_attention_check.py ${ATTN_BATCHES:-16 32 64 128 256}
       python3 tools/attention_probe.py 64 256 w2s2 w2s2p;;

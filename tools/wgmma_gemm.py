@@ -1,24 +1,30 @@
 """A Hopper GEMM of our own in CUDA C++ (NVRTC), with a per-token factor in its epilogue: the piece
-a LayerNorm fold needs and cuBLASLt does not offer for 16-bit types (perf-notes attempts 67-68).
+a LayerNorm fold needs and cuBLASLt does not offer for 16-bit types (perf-notes attempts 67-69).
 
-    y = act(row_scale[:, None] * (x @ w^T) + bias)      x (M, K), w (N, K), y (M, N); act: none or GELU(tanh)
+    y = act(row_scale[:, None] * (x @ w^T + shift) + bias)   x (M, K), w (N, K), y (M, N); act: none or GELU(tanh)
 
-With x the raw residual stream, w = W diag(gamma) less each row's mean and row_scale = 1/std of each
-token, y is LN(x) W^T + b with no normalized copy written (attempt 59's algebra). It only pays if this
-GEMM spends no more energy than cuBLAS's: this prototype measures how far it is.
+With x the raw residual stream, w = W diag(gamma) less each row's mean, shift = w s (s: the engine's
+deferred biases) and row_scale = 1/std of each token, y is LN(x + s) W^T + b with no normalized copy
+written (attempt 59's algebra; tools/fold_whatif.py). It only pays if this GEMM spends no more energy
+than cuBLAS's: this prototype measures how far it is.
 
-The kernel: persistent, one CTA per SM, 128 x 256 output tiles, K in steps of 64. Warp 8 loads A and B
-tiles by TMA (128-byte swizzle) into a ring of STAGES stages; warpgroups 0 and 1 each take 64 rows of
-the tile with wgmma m64n256k16 (A and B from shared memory, 128 float32 accumulators a thread), release
-each stage once the MMAs that read it are done, then scale, add the bias, apply GELU and write the tile
-through shared memory in 64 x 64 pieces by TMA stores (two buffers a warpgroup, so a piece is written
-while the last one leaves). Tiles go n-fastest, so the tiles of one block of rows read their A from L2.
-K must be a multiple of 64 and N of 256; rows past M are read as zeros and not written.
+The kernel: persistent, one CTA per SM (or per cluster of 2 or 4 CTAs), output tiles 256 columns
+wide, K in steps of 64. Warp 8 loads the activation and weight tiles by TMA (128-byte swizzle) into a
+ring of 3 stages; in a cluster each CTA loads a share of the weight tile and multicasts it to all, so
+the weights cross L2 once for the cluster's neighbouring row blocks. Two consumer warpgroups run wgmma
+m64n256k16 (128 float32 accumulators a thread), releasing each stage once the MMAs that read it are
+done. Schedules: "coop", both warpgroups on one 128-row unit (64 rows each); "pingpong", each
+warpgroup on its own 64-row units in turn, so one's epilogue runs under the other's MMAs. The epilogue
+takes the bias, shift and row scales fetched during the MMAs, applies GELU, and writes the warpgroup's
+64 x 256 by stmatrix into a staging buffer that TMA stores drain while the next unit computes. Units go
+n-fastest, so one block of rows reads its activations from L2. K must be a multiple of 64 and N of 256;
+rows past M are read as zeros and not written.
 
-    timeout -s KILL 150 python3 tools/wgmma_gemm.py [MODEL:BATCH]
-        numbers against float32 at odd sizes (one with more tiles than SMs), then the qkv and fc1 shapes
-        checked and timed beside cuBLAS, short and sustained (about a minute; never run yet, and a wrong
-        barrier phase would spin forever, hence the timeout)
+    timeout -s KILL 200 python3 tools/wgmma_gemm.py [MODEL:BATCH]
+        numbers against float32 at odd sizes (one with more tiles than SMs, one row block past M) for
+        every variant in both dtypes, then qkv and fc1 timed beside cuBLASLt's algorithms and the engine's
+        extra configurations, short and sustained; ends with "best variant SCHEDULE:CLUSTER", the one
+        with the least energy. (A wrong barrier phase would spin forever, hence the timeout.)
 """
 import ctypes
 import functools
