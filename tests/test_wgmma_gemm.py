@@ -78,3 +78,37 @@ def test_wgmma_gemm_refuses_what_it_cannot_run():
         args = dict(x=x, w=w) | bad
         with pytest.raises(ValueError, match="scaled_gemm wants"):
             wgmma_gemm.scaled_gemm(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_folded_weights_rounded_to_zero_sums_keep_a_large_mean_out(dtype):
+    """Each folded row's rounded sum multiplies the token's mean inside the GEMM: with plain rounding a
+    stream whose mean is 10 standard deviations loses bits (~7x the error of today's path, LayerNorm's
+    rounded output times W); rounded to zero sums it stays at that error, and no entry moves more than one
+    unit in the last place."""
+    g = torch.Generator().manual_seed(3)
+    tokens, dim, out = 64, 384, 512
+    x = (torch.randn(tokens, dim, generator=g, dtype=torch.float64) + 10).to(dtype).double()
+    gamma = torch.rand(dim, generator=g, dtype=torch.float64) + 0.5
+    beta = torch.randn(dim, generator=g, dtype=torch.float64) * 0.1
+    w = (torch.randn(out, dim, generator=g, dtype=torch.float64) / dim ** 0.5).to(dtype)
+    b = torch.randn(out, generator=g, dtype=torch.float64) * 0.1
+    want = F.layer_norm(x, (dim,), gamma, beta, 1e-6) @ w.double().t() + b
+    normed = F.layer_norm(x.float(), (dim,), gamma.float(), beta.float(), 1e-6).to(dtype).double()
+    engine = (normed @ w.double().t() + b).to(dtype).double()  # today's path: a rounded normalized copy
+    floor = ((engine - want).norm() / want.norm()).item()
+    rstd = torch.rsqrt(x.var(dim=1, unbiased=False) + 1e-6)
+
+    def error(w2, b2):
+        got = (rstd[:, None] * (x @ w2.double().t()) + b2.double()).to(dtype).double()
+        return ((got - want).norm() / want.norm()).item()
+    w2, b2 = wgmma_gemm.fold_layer_norm(gamma, beta, w, b)
+    exact = w.double() * gamma[None, :]
+    exact = exact - exact.mean(dim=1, keepdim=True)
+    plain = exact.to(dtype)
+    assert error(w2, b2) < 1.15 * floor
+    assert error(plain, b2) > 3 * floor  # the check can fail: plain rounding
+    assert w2.double().sum(dim=1).abs().mean() < plain.double().sum(dim=1).abs().mean() / 10
+    ulp = torch.maximum(*((wgmma_gemm._step(plain, torch.full_like(exact, d)).double() - plain.double()).abs()
+                          for d in (1.0, -1.0)))  # (the larger step where a power of two lies between)
+    assert bool(((w2.double() - exact).abs() <= ulp).all())

@@ -368,10 +368,45 @@ def scaled_gemm(x, w, bias=None, row_scale=None, gelu=False, out=None, cluster=2
 def fold_layer_norm(gamma, beta, w, b):
     """LN(x) @ w^T + b == rstd(x)[:, None] * (x @ w2^T) + b2 (float64 here): w2 = w diag(gamma) less each
     row's mean (so x's own mean drops out inside the GEMM), b2 = w beta + b. Returns (w2 in w's dtype, b2
-    float32); rstd(x) = 1 / sqrt(var(x) + eps) per row is what a statistics pass still computes."""
+    float32); rstd(x) = 1 / sqrt(var(x) + eps) per row is what a statistics pass still computes.
+    w2's rows are rounded to sum to zero as nearly as the dtype allows (zero_sum_rounding): each row's
+    rounded sum multiplies the token's mean, so plain rounding costs bits where a stream's mean is large."""
     w64 = w.double() * gamma.double()[None, :]
-    w2 = w64 - w64.mean(dim=1, keepdim=True)
-    return w2.to(w.dtype), (w.double() @ beta.double() + b.double()).float()
+    return zero_sum_rounding(w64 - w64.mean(dim=1, keepdim=True), w.dtype), (w.double() @ beta.double() + b.double()).float()
+
+
+def _step(v: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """The neighbour of each 16-bit float v in `direction` (+1 up, -1 down), by its bits: sign and
+    magnitude, so a step away from zero adds one to the magnitude and a step towards it takes one off."""
+    bits = v.view(torch.int16).to(torch.int32)
+    negative, magnitude = bits < 0, bits & 0x7FFF
+    away = torch.where(negative, direction < 0, direction > 0)
+    magnitude = torch.where(magnitude == 0, torch.ones_like(magnitude), magnitude + torch.where(away, 1, -1))
+    negative = torch.where((bits & 0x7FFF) == 0, direction < 0, negative)  # from zero: the smallest of that sign
+    return (magnitude | torch.where(negative, 0x8000, 0)).to(torch.int16).view(v.dtype)
+
+
+def zero_sum_rounding(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`exact` (float64, rows summing to zero) in `dtype`: round to nearest, then re-round the other way
+    the entries nearest their rounding midpoint, as many per row as bring the row's sum closest to zero.
+    Each flipped entry moves from just under half a unit in the last place from its exact value to just
+    over; the row's sum goes from ~sqrt(K)/2 units to about one."""
+    near = exact.to(dtype)
+    if dtype not in (torch.float16, torch.bfloat16):
+        return near
+    error = near.double() - exact
+    other = _step(near, -torch.sign(error))                      # the exact value's other neighbour
+    delta = torch.where(error == 0, torch.zeros_like(error), other.double() - near.double())  # a flip's effect
+    cost = (other.double() - exact).abs() - error.abs()          # what it adds to that entry's error
+    total = near.double().sum(dim=1, keepdim=True)
+    useful = (torch.sign(delta) == -torch.sign(total)) & (delta != 0)
+    cost = torch.where(useful, cost, torch.full_like(cost, float("inf")))
+    order = cost.argsort(dim=1)
+    gains = torch.where(useful, delta, torch.zeros_like(delta)).gather(1, order)
+    sums = torch.cat([total, total + gains.cumsum(dim=1)], dim=1)  # the row's sum after the first j flips
+    flips = sums.abs().argmin(dim=1, keepdim=True)
+    chosen = torch.zeros_like(useful).scatter_(1, order, torch.arange(exact.shape[1]).expand_as(order) < flips)
+    return torch.where(chosen, other, near)
 
 
 def reference(x, w, bias=None, row_scale=None, gelu=False, shift=None):
