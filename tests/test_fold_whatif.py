@@ -20,7 +20,7 @@ def _gemm(x, w, bias=None, row_scale=None, gelu=False, out=None, cluster=2, shif
     return y.to(x.dtype) if out is None else out.copy_(y)
 
 
-def _rstd(x, shift, rstd, eps):
+def _rstd(x, rstd, eps, shift=None, mean=None):
     rstd.copy_(torch.rsqrt((x.double() + shift.double()).var(dim=1, unbiased=False) + eps))
 
 
@@ -36,10 +36,9 @@ def test_folded_blocks_equal_the_plain_ones(label, monkeypatch):
     with torch.no_grad():
         want = model(images)
         monkeypatch.setattr(fold_whatif.wg, "scaled_gemm", _gemm)
-        monkeypatch.setattr(fold_whatif, "row_rstd", _rstd)
+        monkeypatch.setattr(fold_whatif, "row_stats", _rstd)
         rstd = torch.empty(3 * model.cfg.seq_len, dtype=torch.float64)
-        folds = {id(b): {"qkv": fold_whatif.folded(b.norm1, b.qkv), "fc1": fold_whatif.folded(b.norm2, b.fc1),
-                         "qkv bias": b.qkv.bias, "fc1 bias": b.fc1.bias} for b in model.blocks}
+        folds = fold_whatif.fold_blocks(model)
         flags = next(v[1:] for v in fold_whatif.VARIANTS if v[0] == label)
         monkeypatch.setattr(vt.Block, "forward", fold_whatif.block_forward(*flags, folds, rstd))
         got = model(images)

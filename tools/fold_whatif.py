@@ -19,35 +19,15 @@ from functools import partial
 from unittest import mock
 
 import torch
-import triton
-import triton.language as tl
 
 import modeling  # noqa: F401
 from modeling import ops, vision_transformer as vt
+from norm_whatif import row_stats
 from power_probe import whatif_cli, whatif_forwards
 import wgmma_gemm as wg
 
 SCHEDULE, CLUSTER = os.environ.get("WGMMA_VARIANT", "coop:2").split(":")
 OURS = dict(cluster=int(CLUSTER), schedule=SCHEDULE)
-
-
-@triton.jit
-def _row_rstd_kernel(X, S, RSTD, n_rows, n_cols, stride_x, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x += tl.load(S + cols, mask=cols < n_cols, other=0.0)[None, :]
-    mean = tl.sum(x, axis=1) / n_cols
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    tl.store(RSTD + rows, tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps), mask=rows < n_rows)
-
-
-def row_rstd(x, shift, rstd, eps):
-    """rstd[i] = 1 / sqrt(var(x[i] + shift) + eps), float32."""
-    n_rows, n_cols = x.shape
-    _row_rstd_kernel[(triton.cdiv(n_rows, 4),)](x, shift, rstd, n_rows, n_cols, x.stride(0), eps, ROWS=4,
-                                                BLOCK=triton.next_power_of_2(n_cols), num_warps=4)
 
 
 def folded(norm, linear):
@@ -56,13 +36,20 @@ def folded(norm, linear):
     return w2, b2, (w2.double() @ norm.shift.double()).float()
 
 
+def fold_blocks(model):
+    """{id(block): its folded qkv and fc1 (W2, b2, W2 s), and their float32 biases for the swaps alone}."""
+    return {id(b): {"qkv": folded(b.norm1, b.qkv), "fc1": folded(b.norm2, b.fc1),
+                    "qkv bias": b.qkv.bias.float().contiguous(), "fc1 bias": b.fc1.bias.float().contiguous()}
+            for b in model.blocks}
+
+
 def block_forward(fold1, fold2, swap_qkv, swap_fc1, folds, rstd):
     """Block.forward with norm1 / norm2 folded into qkv / fc1, or only those GEMMs swapped for ours."""
     def forward(self, x, batch, plan, arena=None):
         d, inner, f = x.shape[1], self.heads * self.head_dim, folds[id(self)]
         wide = vt._slot(arena, "wide", 3 * inner)
         if fold1:
-            row_rstd(x, self.norm1.shift, rstd, self.norm1.eps)
+            row_stats(x, rstd, self.norm1.eps, self.norm1.shift)
             qkv = wg.scaled_gemm(x, *f["qkv"][:2], rstd, False, wide, shift=f["qkv"][2], **OURS)
         else:
             normed = self.norm1(x, plan, out=vt._slot(arena, "narrow", d))
@@ -73,7 +60,7 @@ def block_forward(fold1, fold2, swap_qkv, swap_fc1, folds, rstd):
         x = self.proj(attn, plan, residual=x)
         wide = vt._slot(arena, "wide", self.fc1.weight.shape[0])
         if fold2:
-            row_rstd(x, self.norm2.shift, rstd, self.norm2.eps)
+            row_stats(x, rstd, self.norm2.eps, self.norm2.shift)
             hidden = wg.scaled_gemm(x, *f["fc1"][:2], rstd, True, wide, shift=f["fc1"][2], **OURS)
         else:
             normed = self.norm2(x, plan, out=vt._slot(arena, "narrow", d))
@@ -94,9 +81,7 @@ def main(spec, rounds=3):
         if plan.mlp_act != "epilogue" and any(v[2] or v[4] for v in VARIANTS):
             print(f"note: the plan's fc1 GELU is {plan.mlp_act!r}; ours is GELU(tanh) in the epilogue", flush=True)
         rstd = torch.empty(arena.rows, device=images.device, dtype=torch.float32)
-        folds = {id(b): {"qkv": folded(b.norm1, b.qkv), "fc1": folded(b.norm2, b.fc1),
-                         "qkv bias": b.qkv.bias.float().contiguous(), "fc1 bias": b.fc1.bias.float().contiguous()}
-                 for b in model.blocks}
+        folds = fold_blocks(model)
         swapped = {label: partial(mock.patch.object, vt.Block, "forward", block_forward(*flags, folds, rstd))
                    for label, *flags in VARIANTS}
         return {"plan": nullcontext, **swapped}  # (the closures hold the folded weights)

@@ -21,21 +21,27 @@ from power_probe import whatif_cli, whatif_forwards
 
 
 @triton.jit
-def _row_stats_kernel(X, STATS, n_rows, n_cols, stride_x, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _row_stats_kernel(X, S, MEAN, RSTD, n_rows, n_cols, stride_x, eps, HAS_SHIFT: tl.constexpr, HAS_MEAN: tl.constexpr,
+                      ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        x += tl.load(S + cols, mask=cols < n_cols, other=0.0)[None, :]
     mean = tl.sum(x, axis=1) / n_cols
     xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
-    tl.store(STATS + rows * 2, mean, mask=rows < n_rows)
-    tl.store(STATS + rows * 2 + 1, rstd, mask=rows < n_rows)
+    if HAS_MEAN:
+        tl.store(MEAN + rows, mean, mask=rows < n_rows)
+    tl.store(RSTD + rows, tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps), mask=rows < n_rows)
 
 
-def row_stats(x, stats, eps=1e-6):
+def row_stats(x, rstd, eps=1e-6, shift=None, mean=None):
+    """rstd[i] = 1 / sqrt(var(x[i] + shift) + eps), float32, and mean[i] (of x[i] + shift) where given."""
     n_rows, n_cols = x.shape
-    _row_stats_kernel[(triton.cdiv(n_rows, 4),)](x, stats, n_rows, n_cols, x.stride(0), eps, ROWS=4,
+    _row_stats_kernel[(triton.cdiv(n_rows, 4),)](x, x if shift is None else shift, rstd if mean is None else mean, rstd,
+                                                  n_rows, n_cols, x.stride(0), eps, HAS_SHIFT=shift is not None,
+                                                  HAS_MEAN=mean is not None, ROWS=4,
                                                   BLOCK=triton.next_power_of_2(n_cols), num_warps=4)
 
 
@@ -49,7 +55,7 @@ def block_forward(which: str, mode: str, stats):
             if which not in ("both", index):
                 return module(x, plan, out=vt._slot(arena, "narrow", d))
             if mode == "stats":
-                row_stats(x, stats)
+                row_stats(x, stats[1], mean=stats[0])
             return x
         qkv = self.qkv(norm(self.norm1, "1"), plan, out=vt._slot(arena, "wide", 3 * inner))
         attn = ops.attention(qkv, batch, self.heads, self.head_dim, plan.attention, plan.attention_tile,
@@ -66,7 +72,7 @@ WHATIFS = [("norm1 stats only", "1", "stats"), ("norm1 removed", "1", "skip"), (
 
 def main(spec, rounds=3):
     def variants(model, plan, images, arena):
-        stats = torch.empty(arena.rows, 2, device=images.device, dtype=torch.float32)
+        stats = torch.empty(2, arena.rows, device=images.device, dtype=torch.float32)  # mean, 1/std
         swapped = {label: partial(mock.patch.object, vt.Block, "forward", block_forward(which, mode, stats))
                    for label, which, mode in WHATIFS}
         return {"plan": nullcontext, **swapped}

@@ -68,8 +68,7 @@ def _epilogue(shift: bool) -> str:
     steps = []
     pair = 16 if shift else 8  # bytes a column pair takes in shared memory: (bias, bias[, shift, shift])
     for c in range(0, 32, 2):
-        v = lambda i, col: f"acc[{4 * c + i}] + h{col}" if shift else f"acc[{4 * c + i}]"  # noqa: E731
-        w = lambda i, col: f"acc[{4 * c + i}] + e{col}" if shift else f"acc[{4 * c + i}]"  # noqa: E731
+        v = lambda i, name: f"acc[{4 * c + i}] + {name}" if shift else f"acc[{4 * c + i}]"  # noqa: E731
         loads = (rf"""float c0, c1, d0, d1, h0, h1, e0, e1;
                 asm volatile("ld.shared.v4.f32 {{%0, %1, %2, %3}}, [%8+{4 * pair * c}];\n"
                              "ld.shared.v4.f32 {{%4, %5, %6, %7}}, [%8+{4 * pair * c + 4 * pair}];\n"
@@ -80,10 +79,10 @@ def _epilogue(shift: bool) -> str:
                              : "=f"(c0), "=f"(c1), "=f"(d0), "=f"(d1) : "r"(bias_at) : "memory");""")
         steps.append(rf"""            {{
                 {loads}
-                unsigned r0 = pack2(act(fmaf({v(0, 0)}, sc0, c0)), act(fmaf({v(1, 1)}, sc0, c1)));
-                unsigned r1 = pack2(act(fmaf({v(2, 0)}, sc1, c0)), act(fmaf({v(3, 1)}, sc1, c1)));
-                unsigned r2 = pack2(act(fmaf({w(4, 0)}, sc0, d0)), act(fmaf({w(5, 1)}, sc0, d1)));
-                unsigned r3 = pack2(act(fmaf({w(6, 0)}, sc1, d0)), act(fmaf({w(7, 1)}, sc1, d1)));
+                unsigned r0 = pack2(act(fmaf({v(0, "h0")}, sc0, c0)), act(fmaf({v(1, "h1")}, sc0, c1)));
+                unsigned r1 = pack2(act(fmaf({v(2, "h0")}, sc1, c0)), act(fmaf({v(3, "h1")}, sc1, c1)));
+                unsigned r2 = pack2(act(fmaf({v(4, "e0")}, sc0, d0)), act(fmaf({v(5, "e1")}, sc0, d1)));
+                unsigned r3 = pack2(act(fmaf({v(6, "e0")}, sc1, d0)), act(fmaf({v(7, "e1")}, sc1, d1)));
                 asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0+{c // 8 * 8192}], {{%1, %2, %3, %4}};\n"
                              :: "r"(st_at[{c % 8 // 2}]), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
             }}""")
